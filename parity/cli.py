@@ -1,0 +1,124 @@
+"""Command line: argument parsing only. Every verb hands its parsed args to one function elsewhere.
+
+Imports are lazy so that `parity --help` and `parity report` do not pay for torch / megatron imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from parity.errors import CheckFailed, UserError
+
+DTYPES = ["fp32", "bf16", "fp16"]
+FORMATS = ["meta", "hf", "megatron"]
+BACKENDS = ["meta", "hf", "megatron"]
+
+
+def _verb(sub, name: str, target: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(_target=target)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="parity",
+        description="Numerical parity harness for Llama-2: do converted weights, run by another stack, "
+                    "score the same as Meta's reference, task by task?")
+    from parity import __version__
+    ap.add_argument("--version", action="version", version=f"parity {__version__}")
+    sub = ap.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = _verb(sub, "run", "parity.run:cli_run",
+              "score every backend on every test for the given sizes and print the report")
+    p.add_argument("--sizes", help="comma-separated sizes (default: the three mini sizes)")
+    p.add_argument("--backends", help="comma-separated backends (default: meta,hf,megatron)")
+    p.add_argument("--reference", default="meta", help="backend the others are compared with")
+    p.add_argument("--suites", help="comma-separated suite ids: bigbench,xcopa,lm-eval,mmlu")
+    p.add_argument("--tests", help="comma-separated test ids (see `parity tasks`)")
+    p.add_argument("--limit", type=int, help="score at most N documents per test")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--data-dir", help="real data in the layout of docs (default: the bundled samples)")
+    p.add_argument("--config", help="yaml with checkpoint locations per size and backend (configs/)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="SIZE:BACKEND=DIR",
+                   help="point one backend of one size at a checkpoint directory (repeatable)")
+    p.add_argument("--out", help="results directory (default results/<timestamp>)")
+    p.add_argument("--batch-size", default="auto", help="N or auto")
+    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local",
+                   help="how tensor-parallel workers are started")
+    p.add_argument("--parallel", type=int, default=1, help="workers run side by side (memory permitting)")
+    p.add_argument("--skip-bad-docs", action="store_true", help="skip malformed documents and count them")
+    p.add_argument("--online", action="store_true", help="fetch datasets from the hub instead of --data-dir")
+    p.add_argument("--no-report", action="store_true", help="store results only")
+
+    p = _verb(sub, "report", "parity.report.cli:cli_report",
+              "render markdown / json / csv tables from stored results (no model needed)")
+    p.add_argument("run_dir")
+    p.add_argument("--reference", default=None, help="reference backend (default: the run's)")
+    p.add_argument("--format", default="md,json", help="comma-separated: md,json,csv")
+    p.add_argument("--no-plots", action="store_true")
+
+    p = _verb(sub, "check", "parity.report.check:cli_check",
+              "CI gate: exit 1 when a stored run regresses past thresholds or a baseline")
+    p.add_argument("run_dir")
+    p.add_argument("--max-mean-error", type=float, help="percent, per size and backend")
+    p.add_argument("--max-test-error", type=float, help="percent, any single test")
+    p.add_argument("--max-flips", type=int, help="flipped predictions, any single test")
+    p.add_argument("--baseline", help="a stored report.json to compare with")
+    p.add_argument("--margin", type=float, help="allowed rise of mean error over the baseline (points)")
+    p.add_argument("--thresholds", help="yaml (default configs/thresholds.yaml when present)")
+    p.add_argument("--reference", default=None)
+
+    p = _verb(sub, "convert", "parity.checkpoints.convert:cli_convert",
+              "convert a checkpoint between the meta, hf and megatron formats")
+    p.add_argument("--from", dest="src", choices=FORMATS, required=True)
+    p.add_argument("--to", dest="dst", choices=FORMATS, required=True)
+    p.add_argument("--load-dir", required=True)
+    p.add_argument("--save-dir", required=True)
+    p.add_argument("--size", help="size name (checked against the files; default: inferred)")
+    p.add_argument("--target-tp", type=int, help="tensor-parallel size of a megatron output")
+    p.add_argument("--target-files", type=int, help="number of consolidated files of a meta output")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the output (default: as stored)")
+    p.add_argument("--tokenizer", help="tokenizer.model to ship with the output")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = _verb(sub, "make-checkpoint", "parity.checkpoints.synthetic:cli_make_checkpoint",
+              "write a deterministic synthetic checkpoint in Meta's layout")
+    p.add_argument("--size", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="a sentencepiece tokenizer.model (default: train a small one)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = _verb(sub, "tasks", "parity.tasks.cli:cli_tasks",
+              "list the tests, their suite, data source and document counts")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tests", help="comma-separated test or suite ids")
+    p.add_argument("--skip-bad-docs", action="store_true")
+
+    p = _verb(sub, "score", "parity.backends.worker:cli_score",
+              "low level: run one backend on a job file (what `parity run` launches)")
+    p.add_argument("job", help="job json written by `parity run`")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, func = args._target.split(":")
+    try:
+        return getattr(importlib.import_module(module), func)(args) or 0
+    except (UserError, CheckFailed) as e:
+        print(f"parity {args.verb}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"parity {args.verb}: interrupted; finished results are kept, run again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""File helpers every module uses: atomic writes, safe checkpoint loading, hashing.
+
+Atomicity rule of the project: nothing is written in place. Files go to a temp name in the same
+directory and are renamed; directories are built under `<name>.tmp-<pid>` and renamed on success, so
+an interrupted job never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from parity.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=indent, sort_keys=False)
+        f.write("\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> None:
+    with atomic_file(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); regenerate or fix the file") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp directory that becomes `path` only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not overwrite and any(path.iterdir()):
+        raise UserError(f"{path}: output directory exists and is not empty; remove it or choose another")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Megatron-LM stores its arguments as an argparse.Namespace inside model_optim_rng.pt. That class (and
+# nothing wider) is allowed through weights_only unpickling; torch.dtype values are allowed by default.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def load_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """torch.load for untrusted files: weights_only=True always, errors become one line."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: refused to load: the file holds objects other than tensors "
+                        f"({first[:200]}); only weights_only checkpoints are accepted") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read checkpoint ({msg[:200]}); the file is truncated or corrupt") from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_dir(path: str | os.PathLike) -> str:
+    """Cheap identity of a checkpoint directory: names, sizes and mtimes of its files (not contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where synthetic checkpoints and converted copies live (PARITY_CACHE overrides)."""
+    d = Path(os.environ.get("PARITY_CACHE") or Path.home() / ".cache" / "parity")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
