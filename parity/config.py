@@ -1,0 +1,151 @@
+"""Where each (size, backend) checkpoint comes from: config yaml, --checkpoint flags, or the cache.
+
+Precedence: --checkpoint SIZE:BACKEND=DIR > config file `checkpoints.<size>.<backend>` > derived.
+Derived means: a mini / synthetic size with no Meta files gets a deterministic synthetic checkpoint
+made on first use; a backend with no checkpoint of its own is converted from the size's Meta files
+with `parity convert` into the cache, keyed by the Meta files' fingerprint, so it is reused while its
+source is unchanged and rebuilt when the source (or the converter's output format) changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from parity import arch
+from parity.errors import UserError
+from parity.io import cache_dir, fingerprint_dir
+
+BACKEND_FORMAT = {"meta": "meta", "hf": "hf", "megatron": "megatron"}
+# Bump when converted outputs in the cache must not be reused (a converter change that alters files).
+CONVERT_CACHE_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str
+    tp: int  # model/tensor-parallel ranks the backend runs with
+    origin: str  # "config", "flag", "synthetic", "converted"
+
+    def manifest(self) -> dict:
+        return {"path": str(self.path), "fingerprint": fingerprint_dir(self.path), "tp": self.tp,
+                "format": self.format, "origin": self.origin}
+
+
+def load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{p}: expected a mapping with keys like 'checkpoints' and 'run'")
+    for size in (cfg.get("checkpoints") or {}):
+        arch.get_size(size)
+    return cfg
+
+
+def parse_checkpoint_flags(flags: list[str]) -> dict[tuple[str, str], Path]:
+    out = {}
+    for f in flags:
+        try:
+            key, path = f.split("=", 1)
+            size, backend = key.split(":", 1)
+        except ValueError:
+            raise UserError(f"--checkpoint {f!r}: expected SIZE:BACKEND=DIR, e.g. 7b:megatron=/ckpt/7b-tp1") from None
+        arch.get_size(size)
+        if backend not in BACKEND_FORMAT:
+            raise UserError(f"--checkpoint {f!r}: unknown backend {backend!r}; known: {', '.join(BACKEND_FORMAT)}")
+        out[(size, backend)] = Path(path).expanduser()
+    return out
+
+
+def _configured(size: str, backend: str, flags: dict, cfg: dict, config_path: str | None) -> tuple[Path, str] | None:
+    if (size, backend) in flags:
+        return flags[(size, backend)], "flag"
+    entry = ((cfg.get("checkpoints") or {}).get(size) or {}).get(backend)
+    if entry:
+        p = Path(os.path.expandvars(str(entry))).expanduser()
+        if not p.is_absolute() and config_path:
+            p = Path(config_path).resolve().parent / p
+        return p, "config"
+    return None
+
+
+def synthetic_meta(size: arch.Size, seed: int = 0) -> Path:
+    from parity.checkpoints.synthetic import make_checkpoint
+
+    out = cache_dir() / "synthetic" / f"{size.name}-seed{seed}"
+    if not (out / "params.json").is_file():
+        print(f"parity: making synthetic {size.name} checkpoint in {out}", flush=True)
+        make_checkpoint(size.name, out, seed=seed)
+    return out
+
+
+def resolve_checkpoints(sizes: list[str], backends: list[str], flags: dict, cfg: dict,
+                        config_path: str | None = None) -> dict[str, dict[str, Checkpoint]]:
+    """Every (size, backend) -> an existing checkpoint directory, converting or synthesising as needed."""
+    from parity.checkpoints import detect_format
+
+    out: dict[str, dict[str, Checkpoint]] = {}
+    for name in sizes:
+        size = arch.get_size(name)
+        out[name] = {}
+        meta = _configured(name, "meta", flags, cfg, config_path)
+        if meta is None:
+            if size.real:
+                raise UserError(f"no checkpoint for size {name}: set checkpoints.{name}.meta in a config "
+                                f"file (see configs/llama2.example.yaml) or pass --checkpoint {name}:meta=DIR")
+            meta = (synthetic_meta(size), "synthetic")
+        meta_dir, meta_origin = meta
+        for backend in backends:
+            found = _configured(name, backend, flags, cfg, config_path)
+            if found is None and backend == "meta":
+                found = (meta_dir, meta_origin)
+            if found is not None:
+                path, origin = found
+                if not path.is_dir():
+                    raise UserError(f"{path}: checkpoint directory for {name}/{backend} not found")
+                fmt = detect_format(path)
+                if fmt != BACKEND_FORMAT[backend]:
+                    raise UserError(f"{path}: holds a {fmt} checkpoint but backend {backend} needs "
+                                    f"{BACKEND_FORMAT[backend]}; convert it with `parity convert`")
+            else:
+                path, origin = _converted(meta_dir, backend, size), "converted"
+            out[name][backend] = Checkpoint(path, BACKEND_FORMAT[backend], _parallel(path, backend, size), origin)
+    return out
+
+
+def _parallel(path: Path, backend: str, size: arch.Size) -> int:
+    if backend == "megatron":
+        from parity.checkpoints import megatron
+
+        return megatron.tp_size(path)
+    if backend == "meta":
+        from parity.checkpoints import meta
+
+        return meta.n_files(path)
+    return 1
+
+
+def _converted(meta_dir: Path, backend: str, size: arch.Size) -> Path:
+    from parity.checkpoints.convert import convert
+
+    if not meta_dir.is_dir():
+        raise UserError(f"{meta_dir}: Meta checkpoint directory not found")
+    key = f"{fingerprint_dir(meta_dir)}-v{CONVERT_CACHE_VERSION}"
+    tp = f"-tp{size.tp}" if backend == "megatron" else ""
+    out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{backend}{tp}"
+    if not out.is_dir():
+        print(f"parity: converting {meta_dir} -> {backend}{tp} in {out}", flush=True)
+        convert("meta", BACKEND_FORMAT[backend], meta_dir, out,
+                target_tp=size.tp if backend == "megatron" else None)
+    return out
