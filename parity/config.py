@@ -3,8 +3,8 @@
 Precedence: --checkpoint SIZE:BACKEND=DIR > config file `checkpoints.<size>.<backend>` > derived.
 Derived means: a mini / synthetic size with no Meta files gets a deterministic synthetic checkpoint
 made on first use; a backend with no checkpoint of its own is converted from the size's Meta files
-with `parity convert` into the cache, keyed by the Meta files' fingerprint, so it is reused while its
-source is unchanged and rebuilt when the source (or the converter's output format) changes.
+with `parity convert` into the cache, keyed by the Meta files' fingerprint and the converter's source,
+so it is reused while both are unchanged and rebuilt after a converter change (what CI needs).
 """
 
 from __future__ import annotations
@@ -18,8 +18,17 @@ from parity.errors import UserError
 from parity.io import cache_dir, fingerprint_dir
 
 BACKEND_FORMAT = {"meta": "meta", "hf": "hf", "megatron": "megatron"}
-# Bump when converted outputs in the cache must not be reused (a converter change that alters files).
-CONVERT_CACHE_VERSION = 1
+
+
+def code_digest(*patterns: str) -> str:
+    """Hash of some of parity's own source files: cached outputs of changed code are never reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for p in sorted(q for pat in patterns for q in root.glob(pat)):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
 
 
 @dataclass
@@ -83,7 +92,7 @@ def _configured(size: str, backend: str, flags: dict, cfg: dict, config_path: st
 def synthetic_meta(size: arch.Size, seed: int = 0) -> Path:
     from parity.checkpoints.synthetic import make_checkpoint
 
-    out = cache_dir() / "synthetic" / f"{size.name}-seed{seed}"
+    out = cache_dir() / "synthetic" / f"{size.name}-seed{seed}-{code_digest('checkpoints/*.py', 'tokenizer.py')}"
     if not (out / "params.json").is_file():
         print(f"parity: making synthetic {size.name} checkpoint in {out}", flush=True)
         make_checkpoint(size.name, out, seed=seed)
@@ -141,7 +150,7 @@ def _converted(meta_dir: Path, backend: str, size: arch.Size) -> Path:
 
     if not meta_dir.is_dir():
         raise UserError(f"{meta_dir}: Meta checkpoint directory not found")
-    key = f"{fingerprint_dir(meta_dir)}-v{CONVERT_CACHE_VERSION}"
+    key = f"{fingerprint_dir(meta_dir)}-{code_digest('checkpoints/*.py')}"
     tp = f"-tp{size.tp}" if backend == "megatron" else ""
     out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{backend}{tp}"
     if not out.is_dir():
