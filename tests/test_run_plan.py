@@ -1,0 +1,81 @@
+"""parity run's own logic: flags, config, lock (no model needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from parity.config import load_config, parse_checkpoint_flags
+from parity.errors import UserError
+from parity.run import RunLock
+
+
+def test_checkpoint_flag_parsing(tmp_path):
+    got = parse_checkpoint_flags([f"7b:megatron={tmp_path}"])
+    assert got == {("7b", "megatron"): tmp_path}
+    with pytest.raises(UserError, match="SIZE:BACKEND=DIR"):
+        parse_checkpoint_flags(["7b-megatron"])
+    with pytest.raises(UserError, match="unknown size"):
+        parse_checkpoint_flags([f"8b:meta={tmp_path}"])
+    with pytest.raises(UserError, match="unknown backend"):
+        parse_checkpoint_flags([f"7b:vllm={tmp_path}"])
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checkpoints: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("checkpoints:\n  9b:\n    meta: /x\n")
+    with pytest.raises(UserError, match="unknown size '9b'"):
+        load_config(str(unknown))
+
+
+def test_real_size_without_checkpoint_names_the_config_key(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "parity", "run", "--sizes", "7b", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "checkpoints.7b.meta" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_size_and_backend_one_line(tmp_path):
+    for flags, needle in [(["--sizes", "7b-tiny"], "unknown size"), (["--backends", "vllm"], "unknown backend")]:
+        r = subprocess.run([sys.executable, "-m", "parity", "run", *flags, "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from parity.run import RunLock
+        with RunLock(Path({str(tmp_path)!r})):
+            print("locked", flush=True)
+            time.sleep(30)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"in use by parity run pid {holder.pid}"):
+            with RunLock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel drops the lock of a dead holder: the directory is usable again at once.
+    with RunLock(tmp_path):
+        pass
+
+
+def test_different_directories_lock_independently(tmp_path):
+    with RunLock(tmp_path / "a"), RunLock(tmp_path / "b"):
+        time.sleep(0)
