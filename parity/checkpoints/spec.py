@@ -1,0 +1,115 @@
+"""What a checkpoint must contain, in the canonical (Meta) naming every format converts through.
+
+A converter reads any format as a `Source`: full tensors under Meta's key names in Meta's row order,
+fetched one at a time (`get`), so a writer can stream a model it never holds whole. Each format's
+module maps its own names and layout onto these keys with one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parity.arch import SIZES, Size, get_size
+from parity.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# Keys stored once for the whole model, then the per-layer keys ({i} = layer index).
+GLOBAL_KEYS = ["tok_embeddings.weight", "norm.weight", "output.weight"]
+LAYER_KEYS = [
+    "layers.{i}.attention.wq.weight",
+    "layers.{i}.attention.wk.weight",
+    "layers.{i}.attention.wv.weight",
+    "layers.{i}.attention.wo.weight",
+    "layers.{i}.feed_forward.w1.weight",
+    "layers.{i}.feed_forward.w2.weight",
+    "layers.{i}.feed_forward.w3.weight",
+    "layers.{i}.attention_norm.weight",
+    "layers.{i}.ffn_norm.weight",
+]
+# Buffers some Meta files carry that are recomputed by every stack.
+IGNORED_KEYS = {"rope.freqs"}
+
+
+def to_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A model's shapes: its Size plus the true vocabulary size (from the tokenizer / embeddings)."""
+
+    size: Size
+    vocab: int
+
+    def layer_keys(self, i: int) -> list[str]:
+        return [k.format(i=i) for k in LAYER_KEYS]
+
+    def keys(self) -> list[str]:
+        """Meta's key order: globals first, then layer by layer."""
+        return GLOBAL_KEYS + [k for i in range(self.size.n_layers) for k in self.layer_keys(i)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        s = self.size
+        hd = s.head_dim
+        leaf = key.split(".", 2)[-1] if key.startswith("layers.") else key
+        table = {
+            "tok_embeddings.weight": (self.vocab, s.dim),
+            "output.weight": (self.vocab, s.dim),
+            "norm.weight": (s.dim,),
+            "attention.wq.weight": (s.n_heads * hd, s.dim),
+            "attention.wk.weight": (s.n_kv_heads * hd, s.dim),
+            "attention.wv.weight": (s.n_kv_heads * hd, s.dim),
+            "attention.wo.weight": (s.dim, s.n_heads * hd),
+            "feed_forward.w1.weight": (s.ffn_dim, s.dim),
+            "feed_forward.w3.weight": (s.ffn_dim, s.dim),
+            "feed_forward.w2.weight": (s.dim, s.ffn_dim),
+            "attention_norm.weight": (s.dim,),
+            "ffn_norm.weight": (s.dim,),
+        }
+        return table[leaf]
+
+    def n_params(self) -> int:
+        total = 0
+        for k in self.keys():
+            n = 1
+            for d in self.shape(k):
+                n *= d
+            total += n
+        return total
+
+
+def match_size(where: Path, *, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int,
+               size_name: str | None = None) -> Size:
+    """The table Size with these shapes (formats other than Meta do not record multiple_of etc.).
+
+    With `size_name`, that size is checked against the shapes instead.
+    """
+    found = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim)
+    candidates = [get_size(size_name)] if size_name else list(SIZES.values())
+    for s in candidates:
+        if all(getattr(s, k) == v for k, v in found.items()):
+            return s
+    what = ", ".join(f"{k}={v}" for k, v in found.items())
+    if size_name:
+        raise UserError(f"{where}: the checkpoint ({what}) is not size {size_name}; pass the right --size")
+    raise UserError(f"{where}: no size in the table has {what}; add it to parity/arch.py")
+
+
+class Source:
+    """A checkpoint opened for reading: spec, stored dtype, tokenizer, and full tensors by Meta key."""
+
+    spec: Spec
+    dtype: torch.dtype
+    tokenizer: Path | None
+
+    def get(self, key: str) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
