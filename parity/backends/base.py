@@ -1,0 +1,147 @@
+"""The backend interface: token-id requests in, (log-likelihood, is_greedy) out.
+
+In the spirit of lm-eval's `LM`, but a backend only has to load its stack and implement `forward`
+(token ids -> logits over the true vocabulary). Everything that decides *which* numbers are computed
+lives here, once, so the three stacks are scored by identical code:
+
+- input of a request = (context + continuation)[-(max_length + 1):][:-1], exactly lm-eval's
+  `_loglikelihood_tokens`: too-long inputs lose tokens on the left, the last continuation token is
+  predicted but never fed;
+- requests with the same input are computed by one forward pass (lm-eval's "one forward per context"
+  for single-token choices such as MMLU's " A".." D" is the common case of this);
+- inputs are sorted by length (longest first, so running out of memory happens at once) and batched
+  with right padding, which a causal model needs no attention mask for;
+- log_softmax in fp32 whatever the compute dtype; results come back in request order.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from parity.errors import UserError
+from parity.requests import Request, Score
+
+# "auto" batch size: the number of (padded) tokens per forward pass. Bounded by tokens, not rows, so a
+# batch of long inputs and a batch of short ones cost about the same memory.
+AUTO_TOKENS_PER_BATCH = {"cpu": 4096, "cuda": 32768}
+AUTO_MAX_ROWS = 64
+PAD_ID = 0  # never attended to by a real token (right padding + causal attention), any id would do
+
+
+class Backend(ABC):
+    """One loaded model of one stack. Subclasses set the attributes below and implement forward()."""
+
+    name: str = "base"
+    vocab_size: int  # the tokenizer's (true) vocabulary: logits beyond it are never returned
+    max_length: int  # longest input fed to the model (lm-eval's max_length)
+    device: torch.device = torch.device("cpu")
+    max_batch_rows: int | None = None  # a hard cap some stacks have (Meta's kv cache)
+    rank: int = 0  # writes results only when 0; all ranks compute
+
+    @abstractmethod
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens LongTensor[B, T] on self.device -> logits FloatTensor[B, T, vocab_size] (any float dtype)."""
+
+    # ---- shared code -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, vocab_size] in fp32 on cpu for one sequence (diagnostics, logits parity tests)."""
+        tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        return self._checked_forward(tokens)[0].float().cpu()
+
+    def batch_rows(self, batch_size: int | str, length: int) -> int:
+        if batch_size == "auto":
+            budget = AUTO_TOKENS_PER_BATCH.get(self.device.type, AUTO_TOKENS_PER_BATCH["cpu"])
+            rows = max(1, min(AUTO_MAX_ROWS, budget // max(1, length)))
+        else:
+            rows = int(batch_size)
+            if rows < 1:
+                raise UserError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+        return min(rows, self.max_batch_rows) if self.max_batch_rows else rows
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: list[Request], batch_size: int | str = "auto",
+                      progress: Callable[[int], None] | None = None) -> list[Score]:
+        """Score every request; `progress(n)` is called with the number of requests just finished."""
+        # Unique model inputs, and for each request: (input index, continuation length).
+        inputs: dict[tuple[int, ...], int] = {}
+        plan: list[tuple[int, int]] = []
+        for r in requests:
+            if not r.continuation or len(r.continuation) > self.max_length:
+                raise UserError(f"request {r.hash}: continuation of {len(r.continuation)} tokens; "
+                                f"it must have 1 to max_length={self.max_length} tokens")
+            if min(r.context + r.continuation) < 0 or max(r.context + r.continuation) >= self.vocab_size:
+                raise UserError(f"request {r.hash}: token id outside the checkpoint's vocab "
+                                f"(0..{self.vocab_size - 1}); build the requests with this checkpoint's "
+                                f"tokenizer.model")
+            inp = (r.context + r.continuation)[-(self.max_length + 1):][:-1]
+            plan.append((inputs.setdefault(inp, len(inputs)), len(r.continuation)))
+        by_input: list[list[int]] = [[] for _ in inputs]
+        for i, (k, _) in enumerate(plan):
+            by_input[k].append(i)
+
+        keys = list(inputs)
+        order = sorted(range(len(keys)), key=lambda k: (-len(keys[k]), keys[k]))
+        scores: list[Score | None] = [None] * len(requests)
+        pos = 0
+        while pos < len(order):
+            rows = self.batch_rows(batch_size, len(keys[order[pos]]))
+            chunk = order[pos:pos + rows]
+            pos += len(chunk)
+            width = len(keys[chunk[0]])  # longest first: the first row sets the width
+            batch = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+            for row, k in enumerate(chunk):
+                batch[row, :len(keys[k])] = torch.tensor(keys[k], dtype=torch.long)
+            logits = self._checked_forward(batch.to(self.device))
+            done = 0
+            for row, k in enumerate(chunk):
+                n = len(keys[k])
+                logprobs = logits[row, :n].float().log_softmax(-1)  # fp32, whatever the compute dtype
+                for i in by_input[k]:
+                    cont_len = plan[i][1]
+                    cont = torch.tensor(requests[i].continuation[-cont_len:], dtype=torch.long,
+                                        device=logprobs.device)
+                    lp = logprobs[n - cont_len:n]
+                    scores[i] = Score(float(lp.gather(1, cont[:, None]).sum()),
+                                      bool((lp.argmax(-1) == cont).all()))
+                    done += 1
+            if progress:
+                progress(done)
+        return scores  # type: ignore[return-value]
+
+    def _checked_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.forward(tokens)
+        expect = (*tokens.shape, self.vocab_size)
+        if tuple(out.shape) != expect:  # a wiring bug, not bad input: fail loudly
+            raise RuntimeError(f"{self.name}: forward returned {tuple(out.shape)}, expected {expect}")
+        return out
+
+
+def check_vocab(backend_name: str, checkpoint_vocab: int, tokenizer_vocab: int | None, where) -> None:
+    """The requests' tokenizer must be the checkpoint's: ids beyond the vocab or a shifted vocab would
+    score garbage silently."""
+    if tokenizer_vocab is not None and int(tokenizer_vocab) != int(checkpoint_vocab):
+        raise UserError(f"{where}: checkpoint vocab {checkpoint_vocab} != tokenizer vocab {tokenizer_vocab} "
+                        f"({backend_name}); build the requests with this checkpoint's tokenizer.model")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    try:
+        return table[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(table)}") from None
+
+
+def is_finite(score: Score) -> bool:
+    return math.isfinite(score.loglik)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

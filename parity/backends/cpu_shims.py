@@ -1,0 +1,58 @@
+"""The CPU path for megatron-core 0.16's CUDA assumptions. Applied only when the device is cpu.
+
+megatron-core runs inference on CPU once these are handled (DESIGN.md lists the first three; the
+fourth showed up when running):
+1. RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device() on the first forward.
+2. The default causal mask is built on "cuda" when no mask is given: parity.backends.megatron always
+   passes an explicit mask (megatron.causal_mask), so nothing is patched for it here.
+3. DotProductAttention forks the CUDA RNG tracker around attention dropout: we install megatron's own
+   inference RNG tracker, whose fork() is a no-op (dropout is 0 and the model is in eval anyway).
+4. GlobalMemoryBuffer.get_tensor (attention score buffer) allocates on torch.cuda.current_device().
+
+For 1 and 4 the CUDA device lookup is answered with "cpu" for the duration of those two calls only,
+so megatron's own code runs unchanged and nothing else sees a fake CUDA device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_APPLIED = False
+
+
+@contextlib.contextmanager
+def _current_device_is_cpu():
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def _on_cpu(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with _current_device_is_cpu():
+            return method(*args, **kwargs)
+    wrapper.__parity_cpu_shim__ = True
+    return wrapper
+
+
+def apply() -> None:
+    """Patch megatron-core for CPU execution (idempotent; one backend per process, so never undone)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    RotaryEmbedding.get_emb = _on_cpu(RotaryEmbedding.get_emb)  # 1
+    GlobalMemoryBuffer.get_tensor = _on_cpu(GlobalMemoryBuffer.get_tensor)  # 4
+    mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # 3
+    _APPLIED = True
+

@@ -1,0 +1,42 @@
+"""Hugging Face stack: transformers' LlamaForCausalLM, loaded with from_pretrained from an HF directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from parity.backends.base import Backend, check_vocab, torch_dtype
+from parity.errors import UserError
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
+                 dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+        from transformers import LlamaForCausalLM
+
+        checkpoint = Path(checkpoint)
+        config_path = checkpoint / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"{config_path}: not found; point the hf backend at a converted HF directory")
+        config = json.loads(config_path.read_text())
+        self.vocab_size = int(config["vocab_size"])
+        check_vocab(self.name, self.vocab_size, tokenizer_vocab, checkpoint)
+        self.max_length = max_length or int(config.get("max_position_embeddings", 4096))
+        # TP for HF means "spread over the GPUs there are": accelerate's device_map places the layers.
+        several_gpus = device == "cuda" and torch.cuda.device_count() > 1
+        kwargs = {"device_map": "auto"} if several_gpus else {}
+        try:
+            self.model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype(dtype), **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{checkpoint}: cannot load HF checkpoint ({str(e).splitlines()[0][:200]})") from None
+        if not several_gpus:
+            self.model.to(device)
+        self.model.eval()
+        self.device = self.model.get_input_embeddings().weight.device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, use_cache=False).logits[..., :self.vocab_size]

@@ -1,0 +1,143 @@
+"""Megatron stack: megatron-core GPTModel (local layer spec) from a legacy Megatron-LM checkpoint.
+
+The model is configured from the checkpoint's saved args (as Megatron-LM's --use-checkpoint-args
+does), parallel_state is initialised over torch.distributed, and each rank loads its own
+mp_rank_TT shard. The run's TP must equal the checkpoint's shard count: re-sharding a Megatron
+checkpoint is the converter's job (`parity convert --target-tp`), not the scorer's.
+
+Megatron pads the vocabulary (to a multiple of 128 * TP); logits are vocab-parallel, so they are
+gathered over TP by the output layer and then cut to the true vocab: padded entries are never scored.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from parity.backends.base import Backend, check_vocab, torch_dtype
+from parity.backends.dist import init_distributed
+from parity.errors import UserError
+
+
+# megatron-core announces at import that it falls back from Transformer Engine / Apex: that is the
+# local spec we choose, not news
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+
+
+def causal_mask(seqlen: int, device: torch.device) -> torch.Tensor:
+    """Megatron's convention (True = masked out), on the model's device. Always passed explicitly:
+    megatron-core's default mask is built on "cuda"."""
+    return torch.triu(torch.ones(seqlen, seqlen, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def transformer_config(args, tp: int, dtype: torch.dtype, device: str):
+    """TransformerConfig from Megatron-LM's saved args (names as in megatron/training/arguments.py)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    heads = args.num_attention_heads
+    groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
+    swiglu = getattr(args, "swiglu", True)
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=getattr(args, "kv_channels", None) or args.hidden_size // heads,
+        normalization=getattr(args, "normalization", "RMSNorm"),
+        layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=getattr(args, "add_bias_linear", False),
+        add_qkv_bias=getattr(args, "add_qkv_bias", False),
+        attention_softmax_in_fp32=getattr(args, "attention_softmax_in_fp32", True),
+        apply_query_key_layer_scaling=getattr(args, "apply_query_key_layer_scaling", False),
+        tensor_model_parallel_size=tp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # inference: no dropout, no training-only fusions, weights come from the checkpoint
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=device == "cpu",
+        perform_initialization=False,
+    )
+
+
+class MegatronBackend(Backend):
+    name = "megatron"
+
+    def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
+                 dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        from parity.checkpoints import megatron as mg_ckpt
+
+        checkpoint = Path(checkpoint)
+        args = mg_ckpt.read_args(checkpoint)
+        shards = mg_ckpt.tp_size(checkpoint)
+        tp = tp or shards
+        if tp != shards:
+            raise UserError(f"{checkpoint}: checkpoint has {shards} tensor-parallel shards but TP {tp} was "
+                            f"requested; convert with --target-tp {tp} or run with TP {shards}")
+        heads = args.num_attention_heads
+        groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
+        if heads % tp or groups % tp:
+            raise UserError(f"{checkpoint}: TP {tp} does not divide {heads} heads / {groups} kv groups")
+        self.vocab_size = int(args.vocab_size)  # the TRUE vocab; padded_vocab_size is what is stored
+        check_vocab(self.name, self.vocab_size, tokenizer_vocab, checkpoint)
+        self.max_length = max_length or int(getattr(args, "seq_length", None) or args.max_position_embeddings)
+
+        self.rank, world = init_distributed(device)
+        if world != tp:
+            raise UserError(f"{checkpoint}: TP {tp} needs {tp} processes, got {world}; "
+                            f"launch with `parity.backends.worker.launch(job, {tp})`")
+        if device == "cpu":
+            from parity.backends import cpu_shims
+
+            cpu_shims.apply()
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        if device == "cuda":
+            tensor_parallel.model_parallel_cuda_manual_seed(getattr(args, "seed", 1234))
+
+        config = transformer_config(args, tp, torch_dtype(dtype), device)
+        self.model = GPTModel(
+            config=config,
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization),
+            vocab_size=int(args.padded_vocab_size),
+            max_sequence_length=int(args.max_position_embeddings),
+            pre_process=True,
+            post_process=True,
+            share_embeddings_and_output_weights=not getattr(args, "untie_embeddings_and_output_weights", True),
+            position_embedding_type=getattr(args, "position_embedding_type", "rope"),
+            rotary_percent=getattr(args, "rotary_percent", 1.0),
+            rotary_base=int(getattr(args, "rotary_base", 10000)),
+        )
+        state = mg_ckpt.load_rank(checkpoint, self.rank)
+        # _extra_state entries (fp8 metadata of TE layers) do not exist in the local spec
+        state = {k: v for k, v in state.items() if "_extra_state" not in k}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "_extra_state" not in k]
+        if missing or unexpected:
+            raise UserError(f"{checkpoint}: rank {self.rank} shard does not fit GPTModel (missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]}); re-convert the checkpoint")
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        position_ids = torch.arange(t, device=tokens.device)[None].expand(b, t)
+        logits = self.model(tokens, position_ids, causal_mask(t, tokens.device), runtime_gather_output=True)
+        return logits[..., :self.vocab_size]

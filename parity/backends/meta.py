@@ -1,0 +1,121 @@
+"""Meta's reference stack: llama_models' Transformer under fairscale model parallel, from Meta files.
+
+For rope_theta 10000 and use_scaled_rope False, llama_models.llama3.model.Transformer computes what
+Llama-2's model.py computes (DESIGN.md). Two differences from Llama-2's loader are bridged here:
+- llama_models' VocabParallelEmbedding splits tok_embeddings on the vocab (dim 0); the Llama-2 files
+  split it on dim 1. We merge the files (checkpoints.meta.load_meta) and cut this rank's slice for the
+  *run's* model-parallel size, which may differ from the file count (any MP dividing the heads).
+- Llama-2's loader builds the model under a default dtype (torch.cuda.HalfTensor); we build under the
+  job's dtype the same way, and put the default back afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from parity.arch import size_from_params
+from parity.backends.base import Backend, check_vocab, torch_dtype
+from parity.backends.dist import init_distributed
+from parity.errors import UserError
+
+# Which dim of each Meta weight fairscale splits across model-parallel ranks (None: replicated).
+# ColumnParallelLinear and VocabParallelEmbedding split dim 0, RowParallelLinear dim 1.
+SPLIT_DIM = {
+    "tok_embeddings.weight": 0,  # vocab-parallel here (the Llama-2 files split dim 1)
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+    "norm.weight": None,
+    "output.weight": 0,
+}
+IGNORED_KEYS = {"rope.freqs"}  # a buffer Llama-2's files carry; the model recomputes it
+
+
+def split_dim(key: str) -> int | None:
+    suffix = key.split(".", 2)[2] if key.startswith("layers.") else key
+    return SPLIT_DIM[suffix]
+
+
+def shard_for_rank(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in state.items():
+        if key in IGNORED_KEYS:
+            continue
+        d = split_dim(key)
+        out[key] = t if d is None or world == 1 else t.chunk(world, dim=d)[rank]
+    return out
+
+
+def check_mp(params: dict, vocab: int, mp: int, where) -> None:
+    size = size_from_params(params, vocab)
+    checks = {"query heads": size.n_heads, "kv heads": size.n_kv_heads, "vocab": vocab,
+              "ffn width": size.ffn_dim}
+    bad = [f"{what} {n}" for what, n in checks.items() if n % mp]
+    if mp < 1 or bad:
+        raise UserError(f"{where}: model-parallel size {mp} does not divide {', '.join(bad) or 'anything'}; "
+                        f"pick an MP that divides the heads (e.g. the file count)")
+
+
+class MetaBackend(Backend):
+    name = "meta"
+
+    def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
+                 dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+        import fairscale.nn.model_parallel.initialize as fs_init
+        from llama_models.llama3.args import ModelArgs
+        from llama_models.llama3.model import Transformer
+
+        from parity.checkpoints import meta as meta_ckpt
+
+        checkpoint = Path(checkpoint)
+        params = meta_ckpt.read_params(checkpoint)
+        mp = tp or meta_ckpt.n_files(checkpoint)
+        self.rank, world = init_distributed(device)
+        if world != mp:
+            raise UserError(f"{checkpoint}: model-parallel size {mp} needs {mp} processes, got {world}; "
+                            f"launch with `parity.backends.worker.launch(job, {mp})`")
+        _, state = meta_ckpt.load_meta(checkpoint, mmap=True)
+        vocab = state["output.weight"].shape[0]
+        check_vocab(self.name, vocab, tokenizer_vocab, checkpoint)
+        check_mp(params, vocab, mp, checkpoint)
+        if not fs_init.model_parallel_is_initialized():
+            fs_init.initialize_model_parallel(mp)
+
+        self.device = torch.device(device)
+        self.vocab_size = vocab
+        self.max_length = max_length or size_from_params(params, vocab).max_seq_len
+        args = ModelArgs(**{**params, "vocab_size": vocab}, rope_theta=params.get("rope_theta", 10000.0),
+                         use_scaled_rope=False, max_seq_len=self.max_length, max_batch_size=1)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype(dtype))  # as Llama-2's loader does before Transformer(...)
+        try:
+            with torch.device(self.device):
+                self.model = Transformer(args)
+        finally:
+            torch.set_default_dtype(previous)
+        self.model.load_state_dict(shard_for_rank(state, self.rank, world), strict=True)
+        del state
+        self.model.eval()
+
+    def _size_kv_cache(self, batch: int, seqlen: int) -> None:
+        """The reference model preallocates a kv cache of max_batch_size x max_seq_len per layer. We always
+        score from position 0, so a cache of exactly the batch's shape computes the same thing without
+        holding max_batch_size x 4096 positions for every layer."""
+        for layer in self.model.layers:
+            att = layer.attention
+            if att.cache_k.shape[:2] != (batch, seqlen):
+                shape = (batch, seqlen, *att.cache_k.shape[2:])
+                att.cache_k = torch.zeros(shape, dtype=att.cache_k.dtype, device=self.device)
+                att.cache_v = torch.zeros(shape, dtype=att.cache_v.dtype, device=self.device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._size_kv_cache(*tokens.shape)
+        return self.model(tokens, 0)[..., :self.vocab_size]

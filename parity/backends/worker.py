@@ -1,0 +1,204 @@
+"""The worker: run one backend on a job file, and the launcher that starts it (torchrun for TP > 1).
+
+Job json (written by parity.run):
+  {"backend": "meta"|"hf"|"megatron", "checkpoint": DIR, "tp": N, "device": "cpu"|"cuda",
+   "dtype": "fp32"|"bf16"|"fp16", "batch_size": "auto"|N, "vocab_size": V (optional, the tokenizer's),
+   "max_length": N (optional), "units": [{"name": ..., "requests": PATH.jsonl, "output": PATH.jsonl}]}
+
+The model is loaded once per job; each unit's scores are written atomically by rank 0 (other ranks
+compute, as tensor parallelism needs every rank in every forward). A unit whose output exists is
+skipped, so an interrupted job resumes. Non-finite log-likelihoods fail that unit only: its
+`<output>.error.json` says which backend and request, and the next unit runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from parity.errors import UserError
+from parity.io import read_json, write_json
+
+# backend name -> "module:class"; imported lazily so a worker loads only its own stack
+BACKENDS = {
+    "meta": "parity.backends.meta:MetaBackend",
+    "hf": "parity.backends.hf:HFBackend",
+    "megatron": "parity.backends.megatron:MegatronBackend",
+}
+DEVICES = ("cpu", "cuda")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def load_backend(name: str, checkpoint, **kwargs):
+    import importlib
+
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise UserError(f"{checkpoint}: checkpoint directory not found")
+    return getattr(importlib.import_module(module), cls)(checkpoint, **kwargs)
+
+
+def read_job(path) -> dict:
+    job = read_json(path, "job file")
+    for key in ("backend", "checkpoint", "units"):
+        if key not in job:
+            raise UserError(f"{path}: job file lacks {key!r}; regenerate it with `parity run`")
+    if job.get("device", "cpu") not in DEVICES:
+        raise UserError(f"{path}: device {job['device']!r} is not one of {', '.join(DEVICES)}")
+    if job.get("dtype", "fp32") not in DTYPES:
+        raise UserError(f"{path}: dtype {job['dtype']!r} is not one of {', '.join(DTYPES)}")
+    bs = str(job.get("batch_size", "auto"))
+    if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
+        raise UserError(f"{path}: batch_size {bs!r} must be 'auto' or a positive integer")
+    return job
+
+
+def error_path(output) -> Path:
+    return Path(f"{output}.error.json")
+
+
+def run_job(job_path) -> int:
+    """Score every unit of a job in this process (one rank). Returns the number of failed units."""
+    from tqdm import tqdm
+
+    from parity.requests import read_requests, write_scores
+
+    job = read_job(job_path)
+    pending = [u for u in job["units"] if not Path(u["output"]).is_file()]
+    if not pending:
+        return 0
+    backend = load_backend(job["backend"], job["checkpoint"], tp=job.get("tp"), device=job.get("device", "cpu"),
+                           dtype=job.get("dtype", "fp32"), tokenizer_vocab=job.get("vocab_size"),
+                           max_length=job.get("max_length"))
+    batch_size = str(job.get("batch_size", "auto"))
+    batch_size = batch_size if batch_size == "auto" else int(batch_size)
+    writer = backend.rank == 0
+    failed = 0
+    for unit in pending:
+        requests = read_requests(unit["requests"])
+        t0 = time.perf_counter()
+        with tqdm(total=len(requests), desc=f"{job['backend']}/{unit['name']}", unit="req", file=sys.stderr,
+                  disable=not writer or not requests, mininterval=1.0, dynamic_ncols=True) as bar:
+            scores = backend.loglikelihood(requests, batch_size, progress=bar.update)
+        bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
+        if not writer:
+            continue
+        error_path(unit["output"]).unlink(missing_ok=True)
+        if bad is not None:
+            r = requests[bad]
+            write_json(error_path(unit["output"]), {
+                "error": f"{job['backend']}: non-finite log-likelihood for request {r.hash} "
+                         f"(unit {unit['name']}, request #{bad}, value {scores[bad].loglik}); "
+                         f"try --dtype fp32 or check the checkpoint"})
+            failed += 1
+            print(f"parity score: {unit['name']}: non-finite log-likelihood for request {r.hash}", file=sys.stderr)
+            continue
+        write_scores(unit["output"], requests, scores)
+        dt = time.perf_counter() - t0
+        print(f"parity score: {job['backend']}/{unit['name']}: {len(requests)} requests in {dt:.1f}s "
+              f"({len(requests) / max(dt, 1e-9):.1f} req/s)", file=sys.stderr)
+    return failed
+
+
+def cli_score(args) -> int:
+    failed = run_job(args.job)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------- launching
+def launch_command(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu") -> list[str]:
+    """The command that runs a job on `nproc` ranks.
+
+    local:    1 rank -> `python -m parity score JOB`; more -> torchrun --standalone on this machine.
+    torchrun: multi-node; nodes / endpoint from PARITY_NNODES, PARITY_RDZV_ENDPOINT (host:port),
+              PARITY_NPROC_PER_NODE (default nproc / nnodes), run once on every node.
+    slurm:    srun with one task per rank; torch.distributed reads the rank from SLURM via torchrun's
+              env, so each task runs torchrun --nnodes $SLURM_NNODES with a c10d rendezvous on the
+              first node (PARITY_RDZV_ENDPOINT or $SLURM_LAUNCH_NODE_IPADDR:29500).
+    """
+    job = str(job_path)
+    module = ["-m", "parity", "score", job]
+    if nproc < 1:
+        raise UserError(f"{job}: cannot launch {nproc} processes")
+    if launcher == "local":
+        if nproc == 1:
+            return [sys.executable, *module]
+        return [*_torchrun(), "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), *module]
+    if launcher == "torchrun":
+        nnodes = int(os.environ.get("PARITY_NNODES", "1"))
+        per_node = int(os.environ.get("PARITY_NPROC_PER_NODE", str(max(1, nproc // nnodes))))
+        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", "localhost:29500")
+        return [*_torchrun(), "--nnodes", str(nnodes), "--nproc-per-node", str(per_node),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"parity-{Path(job).stem}",
+                *module]
+    if launcher == "slurm":
+        # one srun task per node, each running torchrun for that node's ranks; the shell expands the
+        # rendezvous host inside the allocation
+        per_node = int(os.environ.get("PARITY_NPROC_PER_NODE", str(nproc)))
+        nnodes = max(1, math.ceil(nproc / per_node))
+        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", "${SLURM_LAUNCH_NODE_IPADDR}:29500")
+        inner = " ".join([shlex.join([*_torchrun(check=False), "--nnodes", str(nnodes), "--nproc-per-node",
+                                      str(min(nproc, per_node)), "--rdzv-backend", "c10d"]),
+                          "--rdzv-endpoint", endpoint,
+                          shlex.join(["--rdzv-id", f"parity-{Path(job).stem}", *module])])
+        return ["srun", f"--nodes={nnodes}", "--ntasks-per-node=1",
+                *([f"--gpus-per-node={min(nproc, per_node)}"] if device == "cuda" else []),
+                "bash", "-c", inner]
+    raise UserError(f"unknown launcher {launcher!r}; use local, torchrun or slurm")
+
+
+def _torchrun(check: bool = True) -> list[str]:
+    """torchrun beside this interpreter (the venv's), else on PATH."""
+    here = Path(sys.executable).with_name("torchrun")
+    found = str(here) if here.is_file() else shutil.which("torchrun")
+    if not found:
+        if check:
+            raise UserError("torchrun not found beside python or on PATH; install torch in this environment "
+                            "(TP/MP > 1 needs torchrun)")
+        return ["torchrun"]
+    return [found]
+
+
+def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu",
+           timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run a job in a fresh process group (so no global state leaks between backends).
+
+    stderr is passed through live (the progress bar) and also kept: the returned CompletedProcess
+    carries its last lines in .stderr for error messages."""
+    cmd = launch_command(job_path, nproc, launcher=launcher, device=device)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # a nested launch must not inherit a rank
+    tail = bytearray()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+
+    def pump():  # bytes, not lines: tqdm redraws with \r
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            sys.stderr.buffer.write(chunk) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
+                chunk.decode(errors="replace"))
+            sys.stderr.flush()
+            tail.extend(chunk)
+            del tail[:-20000]
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.kill()
+        proc.wait()
+        raise
+    thread.join()
+    text = tail.decode(errors="replace").replace("\r", "\n")
+    return subprocess.CompletedProcess(cmd, rc, "", text)
