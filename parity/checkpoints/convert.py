@@ -1,0 +1,82 @@
+"""Convert between the meta, hf and megatron layouts, any direction, in one call.
+
+Every format is read as a Source (Meta keys, Meta row order, full tensors fetched one at a time from
+mmap'd files) and written by a streaming writer: Meta one consolidated file at a time, HF one layer
+shard at a time, Megatron one TP rank at a time. Output goes to a temp directory renamed on success,
+so a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from parity.checkpoints import detect_format
+from parity.checkpoints.hf import HfSource, write_hf
+from parity.checkpoints.megatron import MegatronSource, check_tp, write_megatron
+from parity.checkpoints.meta import MetaSource, write_meta
+from parity.checkpoints.spec import Source, to_dtype
+from parity.errors import UserError
+from parity.io import atomic_dir
+from parity.tokenizer import load_sp
+
+READERS = {"meta": MetaSource, "hf": HfSource, "megatron": MegatronSource}
+
+
+def open_source(fmt: str, load_dir: str | Path, size: str | None = None) -> Source:
+    load_dir = Path(load_dir)
+    if fmt not in READERS:
+        raise UserError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(READERS)}")
+    if not load_dir.is_dir():
+        raise UserError(f"{load_dir}: checkpoint directory not found")
+    return READERS[fmt](load_dir, size)
+
+
+def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, target_tp: int | None = None,
+            target_files: int | None = None, dtype: str | None = None, tokenizer: str | Path | None = None,
+            size: str | None = None, overwrite: bool = False) -> Path:
+    if src == "auto":
+        src = detect_format(load_dir)
+    if dst not in READERS:
+        raise UserError(f"unknown checkpoint format {dst!r}; use one of {', '.join(READERS)}")
+    if Path(load_dir).resolve() == Path(save_dir).resolve():
+        raise UserError(f"{save_dir}: --save-dir must differ from --load-dir")
+    source = open_source(src, load_dir, size)
+    torch_dtype = to_dtype(dtype)
+    if tokenizer is not None:
+        tok = Path(tokenizer)
+        n = load_sp(tok).vocab_size()
+        if n != source.spec.vocab:
+            raise UserError(f"{tok}: tokenizer has {n} pieces but the checkpoint's vocab is {source.spec.vocab}")
+        source.tokenizer = tok
+    if source.tokenizer is None:
+        raise UserError(f"{load_dir}: no tokenizer.model in the checkpoint; pass --tokenizer")
+    tp = target_tp or source.spec.size.tp
+    if dst == "megatron":
+        check_tp(source.spec, tp, f"--target-tp {tp}")
+    if target_files is not None and dst != "meta":
+        raise UserError("--target-files applies only to --to meta")
+    if target_tp is not None and dst != "megatron":
+        raise UserError("--target-tp applies only to --to megatron")
+    save_dir = Path(save_dir)
+    with atomic_dir(save_dir, overwrite=overwrite) as tmp:
+        if dst == "meta":
+            import shutil
+
+            n = target_files or source.spec.size.n_files
+            if n < 1:
+                raise UserError(f"--target-files {n}: must be at least 1")
+            write_meta(source, tmp, n, torch_dtype)
+            shutil.copyfile(source.tokenizer, tmp / "tokenizer.model")
+        elif dst == "hf":
+            write_hf(source, tmp, torch_dtype)
+        else:
+            write_megatron(source, tmp, tp, torch_dtype)
+    return save_dir
+
+
+def cli_convert(args) -> int:
+    out = convert(args.src, args.dst, args.load_dir, args.save_dir, target_tp=args.target_tp,
+                  target_files=args.target_files, dtype=args.dtype, tokenizer=args.tokenizer,
+                  size=args.size, overwrite=args.overwrite)
+    print(out)
+    return 0
