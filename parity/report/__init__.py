@@ -1,0 +1,46 @@
+"""The reporter: stored per-sample results -> percent-error tables, explanations, plots.
+
+Public API (what `parity run` and `parity check` use):
+    build_report(run_dir, reference=None) -> dict      everything report.json holds
+    render_markdown(report, details=True) -> str        the seed's tables + explanations
+    write_report(run_dir, report, formats=("md", "json"), plots=True) -> list[Path]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from parity.report.build import REPORT_FORMAT, build_report
+from parity.report.render import render_csv, render_markdown
+
+FORMATS = ("md", "json", "csv")
+
+__all__ = ["REPORT_FORMAT", "build_report", "render_markdown", "render_csv", "write_report", "FORMATS"]
+
+
+def write_report(run_dir, report: dict, formats=("md", "json"), plots: bool = True) -> list[Path]:
+    """Write RUN/report.{md,json,csv} (and RUN/plots/*.png) atomically; returns the paths written.
+    Plots are drawn first so that the markdown and json link only to files that exist."""
+    from parity.io import atomic_file, write_json
+
+    run_dir = Path(run_dir)
+    written = []
+    if plots and "md" in formats:
+        from parity.report.plots import write_plots
+
+        report["plots"] = write_plots(report, run_dir)
+        written += [run_dir / p for pair in report["plots"].values() for p in pair.values()]
+    else:
+        report["plots"] = {}
+    if "json" in formats:
+        write_json(run_dir / "report.json", report)
+        written.append(run_dir / "report.json")
+    if "md" in formats:
+        with atomic_file(run_dir / "report.md") as f:
+            f.write(render_markdown(report))
+        written.append(run_dir / "report.md")
+    if "csv" in formats:
+        with atomic_file(run_dir / "report.csv") as f:
+            f.write(render_csv(report))
+        written.append(run_dir / "report.csv")
+    return written
