@@ -38,8 +38,8 @@ def heatmap(report: dict, other: str, path: Path) -> None:
     data = np.array([[math.nan if r["values"][s] is None else r["values"][s] for s in sizes] for r in rows],
                     dtype=float).reshape(len(rows), len(sizes))
     fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(sizes), 1.2 + 0.28 * max(len(rows), 1)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")  # no percent error (no data, failed, ref 0): grey, not zero
+    # no percent error (no data, failed, ref 0): grey, not zero
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     finite = data[np.isfinite(data)]
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax)
