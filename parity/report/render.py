@@ -64,10 +64,16 @@ def _environment():
 def render_markdown(report: dict, details: bool = True) -> str:
     """The report as markdown: per backend pair the mean-error sentence and one table per suite
     (rows = tests, columns = sizes), the missing pieces, and (details=True) the explanations."""
-    no_error = [{"size": s, "other": o, "test": t, "note": note}
-                for s in report["sizes"] for o in report["others"]
-                for t, note in report["mean_error"][s][o]["excluded"].items()
-                if note != "no data" and not note.startswith(("failed", "missing", "not run"))]
+    # tests scored by every backend that still have no percent error (ref 0, no documents): one line
+    # per (size, test) naming the backend pairs, since ref 0 affects every pair alike
+    by_test: dict = {}
+    for s in report["sizes"]:
+        for o in report["others"]:
+            for t, note in report["mean_error"][s][o]["excluded"].items():
+                if note != "no data" and not note.startswith(("failed", "missing", "not run")):
+                    by_test.setdefault((s, t, note), []).append(o)
+    no_error = [{"size": s, "test": t, "note": note, "others": ", ".join(os_)}
+                for (s, t, note), os_ in by_test.items()]
     text = _environment().get_template("report.md.j2").render(
         **report, details=details, no_error=no_error,
         sentences={o: mean_sentence(report, o) for o in report["others"]})
