@@ -85,9 +85,8 @@ def _unit(run_dir: Path, manifest: dict, size: str, backend: str, test: str) -> 
 
 def _note(ref: dict, oth: dict, reference: str, other: str) -> str | None:
     """Why a comparison has no percent error (None when it has one)."""
-    for u, who in ((ref, reference), (oth, other)):
-        if u["status"] == "no data":
-            return "no data"
+    if "no data" in (ref["status"], oth["status"]):
+        return "no data"
     for u, who in ((ref, reference), (oth, other)):
         if u["status"] != "done":
             return f"{u['status']} ({who})"
