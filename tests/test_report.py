@@ -183,3 +183,15 @@ def test_histogram_counts_every_delta():
     assert h["zeros"] == 1 and sum(h["counts"]) == 4
     assert h["counts"][0] == 1 and h["counts"][-1] == 1  # clipped into the end bins, not dropped
     assert h["counts"][int((math.log10(1e-6) + 10) // 0.5)] == 1
+
+
+def test_reporter_never_imports_a_model_stack(run):
+    import subprocess
+    import sys
+
+    code = ("import sys; from parity.report import build_report, write_report; "
+            f"write_report({str(run)!r}, build_report({str(run)!r})); "
+            "print(sorted(m for m in ('torch', 'transformers', 'megatron', 'lm_eval', 'llama_models') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
