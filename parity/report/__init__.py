@@ -4,6 +4,18 @@ Public API (what `parity run` and `parity check` use):
     build_report(run_dir, reference=None) -> dict      everything report.json holds
     render_markdown(report, details=True) -> str        the seed's tables + explanations
     write_report(run_dir, report, formats=("md", "json"), plots=True) -> list[Path]
+
+report.json (= the dict), keys in manifest order:
+    reference, sizes, backends, others (non-reference backends), suites, tests, mmlu_groups
+    units[size][backend][test]        status (done | failed | no data | missing | not run), score, n_docs,
+                                      error, file (the per-sample file it was computed from)
+    comparisons[size][other][test]    ref_score, score, pct_error (None: see note), note, files, n_docs,
+                                      flips, flipped_docs, discordant [b, c], p_mcnemar, max_abs_delta,
+                                      mean_abs_delta, n_deltas, unmatched_docs, unmatched_choices
+    mean_error[size][other]           mean, n_tests, n_with_error, excluded {test: note}
+    tables[other][suite]              the seed's rows: test label, values {size: pct}, cells {size: text}
+    histograms                        log10_edges + per other: zeros, counts (|delta loglik| per choice)
+    missing                           units without a score, grouped; plots {other: {heatmap, deltas}}
 """
 
 from __future__ import annotations
