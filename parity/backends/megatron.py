@@ -55,6 +55,7 @@ def transformer_config(args, tp: int, dtype: torch.dtype, device: str):
         add_qkv_bias=getattr(args, "add_qkv_bias", False),
         attention_softmax_in_fp32=getattr(args, "attention_softmax_in_fp32", True),
         apply_query_key_layer_scaling=getattr(args, "apply_query_key_layer_scaling", False),
+        rotary_interleaved=getattr(args, "rotary_interleaved", False),
         tensor_model_parallel_size=tp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,

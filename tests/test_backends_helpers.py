@@ -1,0 +1,124 @@
+"""Shared pieces of the backend tests (no tests here): checkpoints, real requests, score comparison.
+
+Requests are built from real data (../shared/data: COPA sentences and MMLU questions with single-token
+answer letters) with sentencepiece on the checkpoint's own tokenizer.model, split the way lm-eval splits
+(trailing context spaces move to the continuation; continuation ids = whole[len(context ids):]). This
+file deliberately does not use parity.tasks: backends are tested on their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from parity.requests import Request, Score
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BOS = 1
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def meta_checkpoint(size: str, tokenizer: Path | None = None) -> Path:
+    from parity.checkpoints.synthetic import cached_checkpoint
+
+    return cached_checkpoint(size, tokenizer=tokenizer)
+
+
+def converted(meta_dir: Path, fmt: str, tp: int | None = None) -> Path:
+    """meta_dir converted to `fmt` (hf, megatron at `tp`), once per session cache."""
+    out = meta_dir.parent / (fmt if fmt == "hf" else f"{fmt}-tp{tp}")
+    marker = {"hf": "config.json", "megatron": "latest_checkpointed_iteration.txt"}[fmt]
+    if (out / marker).is_file():
+        return out
+    try:
+        from parity.checkpoints.convert import convert
+    except ImportError:  # the converter module is not there yet: use the format writers directly
+        convert = None
+    if convert is not None:
+        convert("meta", fmt, meta_dir, out, target_tp=tp)
+        return out
+    from parity.checkpoints.hf import write_hf
+    from parity.checkpoints.megatron import write_megatron
+    from parity.checkpoints.meta import MetaSource
+    from parity.io import atomic_dir
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_hf(MetaSource(meta_dir), tmp) if fmt == "hf" else write_megatron(MetaSource(meta_dir), tmp, tp)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- requests
+def string_pairs(n_copa: int = 100, n_mmlu: int = 40) -> list[tuple[str, str]]:
+    """(context, continuation) strings from real data; synthetic sentences when ../shared is absent."""
+    pairs: list[tuple[str, str]] = []
+    copa = SHARED_DATA / "copa" / "val.jsonl"
+    if copa.is_file():
+        for line in copa.read_text().splitlines()[:n_copa]:
+            d = json.loads(line)
+            connector = {"cause": " because", "effect": " therefore"}[d["question"]]
+            ctx = d["premise"].rstrip(".") + connector
+            for choice in (d["choice1"], d["choice2"]):
+                pairs.append((ctx, " " + choice[0].lower() + choice[1:]))
+    mmlu = SHARED_DATA / "mmlu" / "test" / "high_school_geography_test.csv"
+    if mmlu.is_file():
+        with open(mmlu, newline="") as f:
+            for row in list(csv.reader(f))[:n_mmlu]:
+                q, *choices, _ = row
+                ctx = q + "".join(f"\n{l}. {c}" for l, c in zip("ABCD", choices)) + "\nAnswer:"
+                pairs += [(ctx, f" {l}") for l in "ABCD"]  # 4 requests sharing one context
+    if not pairs:
+        rng = random.Random(0)
+        words = "the a cat dog ran sat on mat and then quickly slowly river house big small".split()
+        for _ in range(200):
+            pairs.append((" ".join(rng.choices(words, k=rng.randrange(3, 30))), " " + rng.choice(words)))
+    return pairs
+
+
+def encode_pair(sp, context: str, continuation: str) -> Request:
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = sp.encode(context + continuation)
+    ctx = sp.encode(context)
+    return Request(tuple([BOS] + ctx), tuple(whole[len(ctx):]))
+
+
+def real_requests(tokenizer: Path, **kw) -> list[Request]:
+    from parity.tokenizer import load_sp
+
+    sp = load_sp(tokenizer)
+    return [encode_pair(sp, c, x) for c, x in string_pairs(**kw)]
+
+
+# ---------------------------------------------------------------------------------------------- comparing
+def compare(a: list[Score], b: list[Score]) -> tuple[float, float, int]:
+    """(max |diff|, mean |diff|, number of differing greedy flags)."""
+    diffs = [abs(x.loglik - y.loglik) for x, y in zip(a, b, strict=True)]
+    flips = sum(x.is_greedy != y.is_greedy for x, y in zip(a, b))
+    return max(diffs), sum(diffs) / len(diffs), flips
+
+
+def read_unit_scores(requests: list[Request], output: Path) -> list[Score]:
+    from parity.requests import read_scores
+
+    by_hash = read_scores(output)
+    return [by_hash[r.hash] for r in requests]
+
+
+def write_job(path: Path, backend: str, checkpoint: Path, tp: int, units: dict[str, list[Request]],
+              dtype: str = "fp32", batch_size="auto", **extra) -> dict[str, Path]:
+    """A job file with one unit per entry of `units`; returns unit name -> output path."""
+    from parity.io import write_json
+    from parity.requests import write_requests
+
+    outs, job_units = {}, []
+    for name, reqs in units.items():
+        req_path = path.parent / f"{name}.requests.jsonl"
+        write_requests(req_path, reqs)
+        outs[name] = path.parent / f"{path.stem}.{name}.scores.jsonl"
+        job_units.append({"name": name, "requests": str(req_path), "output": str(outs[name])})
+    write_json(path, {"backend": backend, "checkpoint": str(checkpoint), "tp": tp, "device": "cpu",
+                      "dtype": dtype, "batch_size": batch_size, "units": job_units, **extra})
+    return outs
