@@ -127,3 +127,22 @@ def test_baseline_missing_backend_fails(good, tmp_path, capsys):
     smaller = make_run(tmp_path / "s", backends=["meta", "hf"], noise=QUIET)
     assert main(["check", str(smaller), "--baseline", str(good / "report.json")]) == 1
     assert "megatron (missing vs baseline)" in capsys.readouterr().err
+
+
+def test_loglik_drift_without_flips_fails_against_baseline(good, tmp_path, capsys):
+    bad = tmp_path / "drift"
+    shutil.copytree(good, bad)
+    rows = read_rows(bad, "7b-mini", "megatron", "xcopa_en")
+    for r in rows:  # every choice 0.05 nats lower: no prediction changes, the numerics do
+        r["loglik"] = [x - 0.05 for x in r["loglik"]]
+    write_rows(bad, "7b-mini", "megatron", "xcopa_en", rows)
+    rep = build_report(bad)
+    assert rep["comparisons"]["7b-mini"]["megatron"]["xcopa_en"]["flips"] == 0
+    assert main(["check", str(bad), "--baseline", str(good / "report.json")]) == 1
+    err = capsys.readouterr().err
+    assert "7b-mini/megatron/xcopa_en (max abs delta vs baseline)" in err
+    assert err.count("7b-mini/megatron/") == 1
+    y = tmp_path / "t.yaml"
+    y.write_text("max_abs_delta: 0.01\n")
+    assert main(["check", str(bad), "--thresholds", str(y)]) == 1
+    assert "7b-mini/megatron/xcopa_en (max abs delta)" in capsys.readouterr().err

@@ -24,6 +24,12 @@ DEFAULT_THRESHOLDS = {
     "margin": 0.1,  # points the mean error may rise over the baseline
     "test_margin": 1.0,  # points one test's error may rise over the baseline
     "max_new_flips": 0,  # flips a test may gain over the baseline
+    # A broken conversion can move log-likelihoods by whole nats without flipping a prediction on a
+    # small sample, so the deltas are gated too: a test's max |delta loglik| may not exceed
+    # delta_growth x the baseline's, nor the absolute max_abs_delta; below delta_floor nats it is noise.
+    "max_abs_delta": None,  # nats, any single test
+    "delta_growth": 10.0,
+    "delta_floor": 0.001,
 }
 FLAG_KEYS = {"max_mean_error": "max_mean_error", "max_test_error": "max_test_error",
              "max_flips": "max_flips", "margin": "margin"}
@@ -96,6 +102,9 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
                     fail("test error", s, o, t, fmt_pct(e), fmt_pct(th["max_test_error"]))
                 if th["max_flips"] is not None and f is not None and f > th["max_flips"]:
                     fail("flips", s, o, t, str(f), str(th["max_flips"]))
+                d = c.get("max_abs_delta")
+                if th["max_abs_delta"] is not None and d is not None and d > th["max_abs_delta"]:
+                    fail("max abs delta", s, o, t, f"{d:.3g}", f"{th['max_abs_delta']:.3g}")
     if baseline is not None:
         if baseline.get("reference") != report["reference"]:
             raise UserError(f"baseline reference is {baseline.get('reference')!r}, this check's is "
@@ -129,6 +138,11 @@ def _against_baseline(report, baseline, th, fail, moved) -> None:
                     if th["test_margin"] is not None and e - be > th["test_margin"] + 1e-9:
                         fail("test error vs baseline", s, o, t, f"{fmt_pct(e)} (was {fmt_pct(be)}, {e - be:+.2f})",
                              f"+{th['test_margin']:.2f} points")
+                d, bd = c.get("max_abs_delta"), b.get("max_abs_delta")
+                if d is not None and bd is not None and th["delta_growth"] is not None:
+                    limit = max(bd * th["delta_growth"], th["delta_floor"] or 0.0)
+                    if d > limit:
+                        fail("max abs delta vs baseline", s, o, t, f"{d:.3g} (was {bd:.3g})", f"{limit:.3g}")
                 f, bf = c.get("flips"), b.get("flips")
                 if f is not None and bf is not None and th["max_new_flips"] is not None \
                         and f - bf > th["max_new_flips"]:
