@@ -129,7 +129,7 @@ class MetaSource(Source):
 
     def get(self, key: str) -> torch.Tensor:
         d = split_dim(key)
-        if d is None:
+        if d is None or len(self.shards) == 1:  # no copy: the mmap'd tensor itself
             return self.shards[0][key]
         return torch.cat([sd[key] for sd in self.shards], dim=d)
 
