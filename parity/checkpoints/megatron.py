@@ -118,9 +118,12 @@ def split_qkv(blocks: list[torch.Tensor], spec: Spec) -> tuple[torch.Tensor, tor
             v.reshape(-1, s.dim).clone())
 
 
-def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+def vocab_block(t: torch.Tensor, padded: int, tp: int, r: int) -> torch.Tensor:
+    """Rank r's rows of the vocab padded with zero rows to `padded` (without padding the whole matrix)."""
+    rows = padded // tp
+    part = t[r * rows: (r + 1) * rows]
     out = t.new_zeros((rows, *t.shape[1:]))
-    out[: t.shape[0]] = t
+    out[: part.shape[0]] = part
     return out
 
 
@@ -137,7 +140,7 @@ def rank_state(src: Source, tp: int, r: int, dtype: torch.dtype) -> dict[str, to
             return t.clone()
         return t.chunk(tp, dim=0 if how == "rows" else 1)[r].clone()
 
-    state = {"embedding.word_embeddings.weight": split(pad_rows(get("tok_embeddings.weight"), vocab_p), "rows")}
+    state = {"embedding.word_embeddings.weight": vocab_block(get("tok_embeddings.weight"), vocab_p, tp, r)}
     for i in range(spec.size.n_layers):
         L = f"decoder.layers.{i}."
         state[L + "input_layernorm.weight"] = get(f"layers.{i}.attention_norm.weight").clone()
@@ -151,7 +154,7 @@ def rank_state(src: Source, tp: int, r: int, dtype: torch.dtype) -> dict[str, to
              split(get(f"layers.{i}.feed_forward.w3.weight"), "rows")], dim=0)
         state[L + "mlp.linear_fc2.weight"] = split(get(f"layers.{i}.feed_forward.w2.weight"), "cols")
     state["decoder.final_layernorm.weight"] = get("norm.weight").clone()
-    state["output_layer.weight"] = split(pad_rows(get("output.weight"), vocab_p), "rows")
+    state["output_layer.weight"] = vocab_block(get("output.weight"), vocab_p, tp, r)
     return state
 
 
