@@ -16,6 +16,7 @@ from pathlib import Path
 from parity.requests import Request, Score
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LLAMA2_TOKENIZER = SHARED_DATA / "tokenizers" / "llama2-tokenizer.model"
 BOS = 1
 
 
@@ -115,7 +116,7 @@ def write_job(path: Path, backend: str, checkpoint: Path, tp: int, units: dict[s
 
     outs, job_units = {}, []
     for name, reqs in units.items():
-        req_path = path.parent / f"{name}.requests.jsonl"
+        req_path = path.parent / f"{path.stem}.{name}.requests.jsonl"
         write_requests(req_path, reqs)
         outs[name] = path.parent / f"{path.stem}.{name}.scores.jsonl"
         job_units.append({"name": name, "requests": str(req_path), "output": str(outs[name])})

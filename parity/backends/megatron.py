@@ -6,7 +6,7 @@ mp_rank_TT shard. The run's TP must equal the checkpoint's shard count: re-shard
 checkpoint is the converter's job (`parity convert --target-tp`), not the scorer's.
 
 Megatron pads the vocabulary (to a multiple of 128 * TP); logits are vocab-parallel, so they are
-gathered over TP by the output layer and then cut to the true vocab: padded entries are never scored.
+gathered over the TP group and then cut to the true vocab: padded entries are never scored.
 """
 
 from __future__ import annotations
@@ -135,10 +135,19 @@ class MegatronBackend(Backend):
             raise UserError(f"{checkpoint}: rank {self.rank} shard does not fit GPTModel (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}); re-convert the checkpoint")
         self.device = torch.device(device)
+        self.tp = tp
         self.model.to(self.device).eval()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, t = tokens.shape
         position_ids = torch.arange(t, device=tokens.device)[None].expand(b, t)
-        logits = self.model(tokens, position_ids, causal_mask(t, tokens.device), runtime_gather_output=True)
-        return logits[..., :self.vocab_size]
+        # parallel_output: each rank gets its vocab slice [b, t, padded_vocab / tp]
+        local = self.model(tokens, position_ids, causal_mask(t, tokens.device), runtime_gather_output=False)
+        if self.tp > 1:  # megatron's own gather allocates on CUDA; all_gather works on gloo and nccl
+            import torch.distributed as dist
+            from megatron.core import parallel_state
+
+            parts = [torch.empty_like(local) for _ in range(self.tp)]
+            dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            local = torch.cat(parts, dim=-1)
+        return local[..., :self.vocab_size]  # the padded vocab rows are never scored
