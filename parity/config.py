@@ -10,6 +10,7 @@ so it is reused while both are unchanged and rebuilt after a converter change (w
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def synthetic_meta(size: arch.Size, seed: int = 0) -> Path:
 
     out = cache_dir() / "synthetic" / f"{size.name}-seed{seed}-{code_digest('checkpoints/*.py', 'tokenizer.py')}"
     if not (out / "params.json").is_file():
-        print(f"parity: making synthetic {size.name} checkpoint in {out}", flush=True)
+        print(f"parity: making synthetic {size.name} checkpoint in {out}", file=sys.stderr, flush=True)
         make_checkpoint(size.name, out, seed=seed)
     return out
 
@@ -154,7 +155,7 @@ def _converted(meta_dir: Path, backend: str, size: arch.Size) -> Path:
     tp = f"-tp{size.tp}" if backend == "megatron" else ""
     out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{backend}{tp}"
     if not out.is_dir():
-        print(f"parity: converting {meta_dir} -> {backend}{tp} in {out}", flush=True)
+        print(f"parity: converting {meta_dir} -> {backend}{tp} in {out}", file=sys.stderr, flush=True)
         convert("meta", BACKEND_FORMAT[backend], meta_dir, out,
                 target_tp=size.tp if backend == "megatron" else None)
     return out

@@ -20,6 +20,19 @@ from typing import Any, Iterator
 from parity.errors import UserError
 
 
+def fault_point(point: str, detail: str) -> None:
+    """Fault injection for the interruption tests: PARITY_FAULT="<point>:<substring>" makes the process
+    that reaches `point` with `substring` in `detail` kill itself with SIGKILL (no cleanup runs), so a
+    test can interrupt a run exactly while a result file or a converted checkpoint is being written."""
+    spec = os.environ.get("PARITY_FAULT")
+    if spec:
+        want, _, sub = spec.partition(":")
+        if want == point and sub in detail:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
@@ -31,6 +44,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write", str(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -67,17 +81,27 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     if path.exists() and not overwrite and any(path.iterdir()):
         raise UserError(f"{path}: output directory exists and is not empty; remove it or choose another")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        fault_point("dir", str(path))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_tmp_dirs(path: Path) -> None:
+    """Temp dirs of writers that were killed (their pid is gone) are garbage: remove them."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 # Megatron-LM stores its arguments as an argparse.Namespace inside model_optim_rng.pt. That class (and

@@ -117,6 +117,7 @@ class Plan:
     batch_size: str
     launcher: str
     checkpoints: dict
+    data_dir: str | None = None
     data: dict = field(default_factory=dict)  # (tokenizer sha, test) -> TestData
 
 
@@ -149,7 +150,7 @@ def make_plan(args) -> Plan:
     run_dir = Path(args.out or run_cfg.get("out") or default_out)
     checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
-                args.launcher, checkpoints)
+                args.launcher, checkpoints, data_dir)
 
 
 def load_test_data(plan: Plan, args) -> dict[str, dict[str, TestData]]:
@@ -161,7 +162,8 @@ def load_test_data(plan: Plan, args) -> dict[str, dict[str, TestData]]:
 
     docs_by_test = {}
     for test in plan.tests:
-        docs_by_test[test] = load_docs(test, args.data_dir, limit=args.limit, skip_bad=args.skip_bad_docs)
+        docs_by_test[test] = load_docs(test, plan.data_dir, limit=args.limit, skip_bad=args.skip_bad_docs,
+                                      online=getattr(args, "online", False))
     per_size, by_tok = {}, {}
     for size in plan.sizes:
         ref_tok = tokenizer_path(plan.checkpoints[size][plan.reference].path)
@@ -374,6 +376,6 @@ def cli_run(args) -> int:
 
             report = build_report(plan.run_dir, reference=plan.reference)
             write_report(plan.run_dir, report)
-            print(render_markdown(report))
+            print(render_markdown(report, details=False))
     print(f"parity: results in {plan.run_dir} ({outcome['timings']['total_s']:.1f}s)", file=sys.stderr)
     return 1 if outcome["failed"] else 0
