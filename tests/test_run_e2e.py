@@ -1,0 +1,130 @@
+"""The real pipeline end to end: `parity run` as a user runs it, interruptions, determinism.
+
+These launch real workers (torchrun for TP > 1), so they are the slowest tests of the suite; the
+selection is kept small except in the one slow test that runs the embedded default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALL = ["--sizes", "7b-mini", "--tests", "boolq,bigbench_undo_permutation,mmlu_anatomy"]
+
+
+def parity(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "parity", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def per_sample_digests(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(run_dir.glob("*/*/*.jsonl")):
+        if p.parts[-3] in ("scores", "requests"):
+            continue
+        out[str(p.relative_to(run_dir))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def counts(stderr: str) -> tuple[int, int]:
+    m = re.search(r"(\d+) reused, (\d+) to score", stderr)
+    assert m, stderr[-2000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    r = parity(*SMALL, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_small_run_layout_and_determinism(baseline, tmp_path):
+    manifest = json.loads((baseline / "manifest.json").read_text())
+    assert {u["status"] for u in manifest["units"].values()} == {"done"}
+    assert len(manifest["units"]) == 9
+    line = json.loads((baseline / "7b-mini" / "megatron" / "boolq.jsonl").read_text().splitlines()[0])
+    for field in ("doc_id", "request_hashes", "loglik", "is_greedy", "n_tokens", "gold", "pred"):
+        assert field in line
+    bb = json.loads((baseline / "7b-mini" / "meta" / "bigbench_undo_permutation.jsonl").read_text().splitlines()[0])
+    assert "scores" in bb and "/" in bb["doc_id"]
+    # Every backend scored the very same requests.
+    hashes = {b: [json.loads(x)["request_hashes"] for x in (baseline / "7b-mini" / b / "boolq.jsonl").open()]
+              for b in ("meta", "hf", "megatron")}
+    assert hashes["meta"] == hashes["hf"] == hashes["megatron"]
+    # A second, independent run gives byte-identical per-sample files, and the report regenerates identically.
+    again = tmp_path / "again"
+    r = parity(*SMALL, "--out", str(again))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert per_sample_digests(again) == per_sample_digests(baseline)
+    before = (baseline / "report.md").read_bytes()
+    assert parity("report", str(baseline)).returncode == 0
+    assert (baseline / "report.md").read_bytes() == before
+
+
+@pytest.mark.parametrize("fault, recomputed", [
+    # SIGKILL of the megatron worker while it writes its second unit's scores: the units it finished
+    # are kept, only the rest are scored again.
+    ("write:scores/7b-mini/megatron/bigbench_undo_permutation", 2),
+    # SIGKILL of the run itself while it writes a per-sample file: all scores are on disk already.
+    ("write:7b-mini/hf/boolq.jsonl", 0),
+])
+def test_killed_run_resumes_to_identical_results(baseline, tmp_path, fault, recomputed):
+    out = tmp_path / "run"
+    r = parity(*SMALL, "--out", str(out), env={"PARITY_FAULT": fault})
+    assert r.returncode != 0
+    r = parity(*SMALL, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert counts(r.stderr)[1] == recomputed
+    assert per_sample_digests(out) == per_sample_digests(baseline)
+    assert not list(out.rglob("*.tmp"))  # no half-written file survives
+
+
+def test_killed_during_conversion_leaves_no_checkpoint(baseline, tmp_path):
+    env = {"PARITY_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    r = parity(*SMALL, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
+    assert r.returncode != 0
+    converted = list((tmp_path / "cache" / "converted").glob("*/megatron-tp1"))
+    assert converted == []  # the killed conversion left only a temp dir, never a usable-looking one
+    r = parity(*SMALL, "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert per_sample_digests(out) == per_sample_digests(baseline)
+
+
+def test_changed_inputs_are_not_reused(baseline, tmp_path):
+    """Results are keyed by what produced them: another dtype recomputes instead of reusing."""
+    out = tmp_path / "run"
+    assert parity(*SMALL, "--backends", "meta,hf", "--out", str(out)).returncode == 0
+    r = parity(*SMALL, "--backends", "meta,hf", "--out", str(out), "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert counts(r.stderr) == (0, 6)
+
+
+@pytest.mark.slow
+def test_default_run_prints_the_four_tables(tmp_path):
+    """`parity run` with no arguments: three mini sizes, synthetic checkpoints, bundled samples."""
+    r = parity(cwd=tmp_path, timeout=1800)
+    assert r.returncode == 0, r.stderr[-5000:]
+    for title in ("### BigBench", "### Multilingual (XCOPA)", "### LM Evaluation Harness", "### MMLU"):
+        assert r.stdout.count(title) == 2  # one table per non-reference backend
+    assert "| Test | 7b-mini | 13b-mini | 70b-mini |" in r.stdout
+    assert "mean error between meta and megatron" in r.stdout
+    run_dir = tmp_path / "results" / "default"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert len(manifest["units"]) == 3 * 3 * 80
+    assert {u["status"] for u in manifest["units"].values()} == {"done"}
+    # Fully cached repeat: nothing is scored again, the printed report is the same.
+    again = parity(cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert counts(again.stderr) == (720, 0)
+    assert again.stdout == r.stdout
