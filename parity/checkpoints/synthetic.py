@@ -11,6 +11,7 @@ released Llama-2 files.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -68,7 +69,16 @@ def cached_checkpoint(size_name: str, seed: int = 0, tokenizer: str | Path | Non
     key = f"{size_name}-s{seed}-{dtype}-{sha256_file(tok)[:12]}"
     out = cache_dir() / "checkpoints" / key / "meta"
     if not (out / "params.json").is_file():
-        make_checkpoint(size_name, out, seed=seed, tokenizer=tok, dtype=dtype, overwrite=True)
+        # Build under a private name, then rename: another process (parallel tests, a second run)
+        # may be reading or building the same entry; whoever renames first wins, nothing is replaced.
+        build = out.parent / f"build-{os.getpid()}"
+        make_checkpoint(size_name, build, seed=seed, tokenizer=tok, dtype=dtype, overwrite=True)
+        try:
+            os.rename(build, out)
+        except OSError:
+            shutil.rmtree(build, ignore_errors=True)
+            if not (out / "params.json").is_file():
+                raise
     return out
 
 
