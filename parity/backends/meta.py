@@ -78,14 +78,14 @@ class MetaBackend(Backend):
         checkpoint = Path(checkpoint)
         params = meta_ckpt.read_params(checkpoint)
         mp = tp or meta_ckpt.n_files(checkpoint)
-        self.rank, world = init_distributed(device)
-        if world != mp:
-            raise UserError(f"{checkpoint}: model-parallel size {mp} needs {mp} processes, got {world}; "
-                            f"launch with `parity.backends.worker.launch(job, {mp})`")
         _, state = meta_ckpt.load_meta(checkpoint, mmap=True)
         vocab = state["output.weight"].shape[0]
         check_vocab(self.name, vocab, tokenizer_vocab, checkpoint)
         check_mp(params, vocab, mp, checkpoint)
+        self.rank, world = init_distributed(device)
+        if world != mp:
+            raise UserError(f"{checkpoint}: model-parallel size {mp} needs {mp} processes, got {world}; "
+                            f"launch with `parity.backends.worker.launch(job, {mp})`")
         if not fs_init.model_parallel_is_initialized():
             fs_init.initialize_model_parallel(mp)
 
