@@ -126,3 +126,22 @@ def test_detect_format_errors(tmp_path):
         detect_format(tmp_path)
     with pytest.raises(UserError, match="tokenizer.model"):
         tokenizer_path(tmp_path)
+
+
+def test_make_checkpoint_cli(tmp_path, capsys):
+    from parity.cli import main
+
+    out = tmp_path / "ck"
+    assert main(["make-checkpoint", "--size", "7b-mini", "--out", str(out), "--seed", "3"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert main(["make-checkpoint", "--size", "7b-mini", "--out", str(out)]) == 2  # exists, not clobbered
+    assert "not empty" in capsys.readouterr().err
+    bad = tmp_path / "bad.model"
+    bad.write_text("not a model")
+    for tok in (bad, tmp_path / "missing.model"):
+        assert main(["make-checkpoint", "--size", "7b-mini", "--out", str(tmp_path / "x"),
+                     "--tokenizer", str(tok)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(tok) in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "x").exists()

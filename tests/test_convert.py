@@ -241,3 +241,17 @@ def test_existing_output_is_not_clobbered(capsys, tmp_path):
     rc, err = run_cli(capsys, "convert", "--from", "meta", "--to", "hf", "--load-dir",
                       str(cached_checkpoint("7b-mini")), "--save-dir", str(out))
     assert rc == 2 and "not empty" in err and (out / "keep").read_text() == "x"
+
+
+def test_bad_hf_missing_key(capsys, hf_dirs, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dirs["70b-mini"], hf)
+    index = hf / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    index.write_text(json.dumps(data))
+    expect_user_error(capsys, out, "convert", "--from", "hf", "--to", "megatron", "--load-dir", str(hf),
+                      "--save-dir", str(out), match="missing key 'model.layers.1.mlp.up_proj.weight'")

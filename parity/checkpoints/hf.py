@@ -171,7 +171,10 @@ class HfSource(Source):
             except (SafetensorError, OSError) as e:
                 raise UserError(f"{p}: cannot read safetensors ({str(e)[:160]}); truncated or corrupt") from None
             self.handles[name] = h
-            for k in keys:
+            listed = keys if weight_map is None else [k for k, v in weight_map.items() if v == name]
+            for k in listed:  # the index, when there is one, says where each tensor is
+                if k not in keys:
+                    raise UserError(f"{p}: missing key {k!r} (listed in {INDEX})")
                 self.where[k] = name
         for key in self.spec.keys():
             hk = hf_key(key)
