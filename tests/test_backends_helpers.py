@@ -29,7 +29,7 @@ def meta_checkpoint(size: str, tokenizer: Path | None = None) -> Path:
 
 def converted(meta_dir: Path, fmt: str, tp: int | None = None) -> Path:
     """meta_dir converted to `fmt` (hf, megatron at `tp`), once per session cache."""
-    out = meta_dir.parent / (fmt if fmt == "hf" else f"{fmt}-tp{tp}")
+    out = meta_dir.parent / ("backends-hf" if fmt == "hf" else f"backends-{fmt}-tp{tp}")
     marker = {"hf": "config.json", "megatron": "latest_checkpointed_iteration.txt"}[fmt]
     if (out / marker).is_file():
         return out

@@ -3,8 +3,9 @@
 For rope_theta 10000 and use_scaled_rope False, llama_models.llama3.model.Transformer computes what
 Llama-2's model.py computes (DESIGN.md). Two differences from Llama-2's loader are bridged here:
 - llama_models' VocabParallelEmbedding splits tok_embeddings on the vocab (dim 0); the Llama-2 files
-  split it on dim 1. We merge the files (checkpoints.meta.load_meta) and cut this rank's slice for the
-  *run's* model-parallel size, which may differ from the file count (any MP dividing the heads).
+  split it on dim 1. We merge that key across the files and cut this rank's vocab slice; every other
+  key too is cut for the *run's* model-parallel size, which may differ from the file count (any MP
+  dividing the heads).
 - Llama-2's loader builds the model under a default dtype (torch.cuda.HalfTensor); we build under the
   job's dtype the same way, and put the default back afterwards.
 """
@@ -44,13 +45,26 @@ def split_dim(key: str) -> int | None:
     return SPLIT_DIM[suffix]
 
 
-def shard_for_rank(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+def rank_state(src, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's tensors for a model-parallel size of `world`, read key by key from the mmap'd files.
+
+    When the run's MP equals the file count and fairscale splits a key the way the files do, file
+    `rank` already holds the slice; otherwise the key is merged across files and cut (only one full
+    tensor is in memory at a time, never the whole model)."""
+    from parity.checkpoints.meta import split_dim as file_split_dim
+
+    n_files = len(src.shards)
     out = {}
-    for key, t in state.items():
+    for key in src.spec.keys():
         if key in IGNORED_KEYS:
             continue
         d = split_dim(key)
-        out[key] = t if d is None or world == 1 else t.chunk(world, dim=d)[rank]
+        if d is None:
+            out[key] = src.shards[0][key]
+        elif world == n_files and file_split_dim(key) == d:
+            out[key] = src.shards[rank][key]
+        else:
+            out[key] = src.get(key).chunk(world, dim=d)[rank].clone()
     return out
 
 
@@ -78,8 +92,8 @@ class MetaBackend(Backend):
         checkpoint = Path(checkpoint)
         params = meta_ckpt.read_params(checkpoint)
         mp = tp or meta_ckpt.n_files(checkpoint)
-        _, state = meta_ckpt.load_meta(checkpoint, mmap=True)
-        vocab = state["output.weight"].shape[0]
+        src = meta_ckpt.MetaSource(checkpoint)  # mmap'd files, checked against params.json
+        vocab = src.spec.vocab
         check_vocab(self.name, vocab, tokenizer_vocab, checkpoint)
         check_mp(params, vocab, mp, checkpoint)
         self.rank, world = init_distributed(device)
@@ -101,8 +115,8 @@ class MetaBackend(Backend):
                 self.model = Transformer(args)
         finally:
             torch.set_default_dtype(previous)
-        self.model.load_state_dict(shard_for_rank(state, self.rank, world), strict=True)
-        del state
+        self.model.load_state_dict(rank_state(src, self.rank, world), strict=True)
+        del src
         self.model.eval()
 
     def _size_kv_cache(self, batch: int, seqlen: int) -> None:
