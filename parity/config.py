@@ -91,13 +91,10 @@ def _configured(size: str, backend: str, flags: dict, cfg: dict, config_path: st
 
 
 def synthetic_meta(size: arch.Size, seed: int = 0) -> Path:
-    from parity.checkpoints.synthetic import make_checkpoint
+    from parity.checkpoints.synthetic import cached_checkpoint
 
-    out = cache_dir() / "synthetic" / f"{size.name}-seed{seed}-{code_digest('checkpoints/*.py', 'tokenizer.py')}"
-    if not (out / "params.json").is_file():
-        print(f"parity: making synthetic {size.name} checkpoint in {out}", file=sys.stderr, flush=True)
-        make_checkpoint(size.name, out, seed=seed)
-    return out
+    print(f"parity: synthetic {size.name} checkpoint (made on first use, then cached)", file=sys.stderr, flush=True)
+    return cached_checkpoint(size.name, seed=seed)
 
 
 def resolve_checkpoints(sizes: list[str], backends: list[str], flags: dict, cfg: dict,

@@ -38,7 +38,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        if _pid_gone(stale.name.split(".")[-3]):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -99,9 +102,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 def _remove_stale_tmp_dirs(path: Path) -> None:
     """Temp dirs of writers that were killed (their pid is gone) are garbage: remove them."""
     for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if _pid_gone(stale.name.rsplit("-", 1)[-1]):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_gone(pid: str) -> bool:
+    return pid.isdigit() and not Path(f"/proc/{pid}").exists()
 
 
 # Megatron-LM stores its arguments as an argparse.Namespace inside model_optim_rng.pt. That class (and

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-SMALL = ["--sizes", "7b-mini", "--tests", "boolq,bigbench_undo_permutation,mmlu_anatomy"]
+SMALL = ["run", "--sizes", "7b-mini", "--tests", "boolq,bigbench_undo_permutation,mmlu_anatomy"]
 
 
 def parity(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
@@ -72,11 +72,11 @@ def test_small_run_layout_and_determinism(baseline, tmp_path):
 
 
 @pytest.mark.parametrize("fault, recomputed", [
-    # SIGKILL of the megatron worker while it writes its second unit's scores: the units it finished
-    # are kept, only the rest are scored again.
-    ("write:scores/7b-mini/megatron/bigbench_undo_permutation", 2),
-    # SIGKILL of the run itself while it writes a per-sample file: all scores are on disk already.
-    ("write:7b-mini/hf/boolq.jsonl", 0),
+    # SIGKILL of the megatron worker while it writes its second unit's scores (units run in registry
+    # order: undo_permutation, boolq, anatomy): the unit it finished is kept, the other two are rescored.
+    ("write:scores/7b-mini/megatron/boolq.", 2),
+    # SIGKILL of the run itself while it writes the last per-sample file: every score is on disk already.
+    ("write:7b-mini/megatron/mmlu_anatomy.jsonl", 0),
 ])
 def test_killed_run_resumes_to_identical_results(baseline, tmp_path, fault, recomputed):
     out = tmp_path / "run"
@@ -113,7 +113,7 @@ def test_changed_inputs_are_not_reused(baseline, tmp_path):
 @pytest.mark.slow
 def test_default_run_prints_the_four_tables(tmp_path):
     """`parity run` with no arguments: three mini sizes, synthetic checkpoints, bundled samples."""
-    r = parity(cwd=tmp_path, timeout=1800)
+    r = parity("run", cwd=tmp_path, timeout=1800)
     assert r.returncode == 0, r.stderr[-5000:]
     for title in ("### BigBench", "### Multilingual (XCOPA)", "### LM Evaluation Harness", "### MMLU"):
         assert r.stdout.count(title) == 2  # one table per non-reference backend
@@ -124,7 +124,7 @@ def test_default_run_prints_the_four_tables(tmp_path):
     assert len(manifest["units"]) == 3 * 3 * 80
     assert {u["status"] for u in manifest["units"].values()} == {"done"}
     # Fully cached repeat: nothing is scored again, the printed report is the same.
-    again = parity(cwd=tmp_path, timeout=600)
+    again = parity("run", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert counts(again.stderr) == (720, 0)
     assert again.stdout == r.stdout
