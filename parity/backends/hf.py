@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from parity.backends.base import Backend, check_vocab, torch_dtype
+from parity.backends.dist import rank_from_env
 from parity.errors import UserError
 
 
@@ -37,6 +38,7 @@ class HFBackend(Backend):
             self.model.to(device)
         self.model.eval()
         self.device = self.model.get_input_embeddings().weight.device
+        self.rank = rank_from_env()  # one process normally; under a launcher only rank 0 writes
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, use_cache=False).logits[..., :self.vocab_size]
