@@ -1,0 +1,119 @@
+"""Benchmark: parity's hf backend against lm-eval's own HF path, same checkpoint, same requests.
+
+    python bench/vs_lmeval.py [--size 7b-mini] [--data-dir ../shared/data] [--mmlu 10 --hellaswag 20 --boolq 20]
+                              [--lm-eval-batch-size 1] [--repeats 2]
+
+One HF checkpoint (a synthetic Meta checkpoint with the real Llama-2 tokenizer when given, converted by
+parity), one list of (context, continuation) pairs built by parity.tasks from MMLU subjects, hellaswag
+and boolq. Both sides are timed on their natural path, tokenization included, model loading excluded,
+in alternating order: lm-eval's `HFLM.loglikelihood` (what `lm_eval --model hf` calls) and parity's
+`build_requests` + `HFBackend.loglikelihood`. Prints the wall-time ratio, tokens/s of both and the
+max per-request |log-likelihood difference| (over the requests whose token ids are identical on both
+sides; HF's tokenizer splits some strings differently from sentencepiece, DESIGN.md).
+Not a test: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def pairs_from_tasks(data_dir, n_mmlu_subjects, n_mmlu, n_hellaswag, n_boolq):
+    from parity.tasks.docs import load_docs
+    from parity.tasks.registry import TESTS
+
+    tests = [t for t in TESTS if t.startswith("mmlu_")][:n_mmlu_subjects]
+    limits = {t: n_mmlu for t in tests} | {"hellaswag": n_hellaswag, "boolq": n_boolq}
+    docs = []
+    for test, n in limits.items():
+        docs += load_docs(test, data_dir, limit=n).docs
+    return docs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--size", default="7b-mini")
+    ap.add_argument("--tokenizer", help="tokenizer.model (default: ../shared's Llama-2 one when present)")
+    ap.add_argument("--data-dir", help="real data (default: ../shared/data when present, else bundled samples)")
+    ap.add_argument("--mmlu-subjects", type=int, default=10)
+    ap.add_argument("--mmlu", type=int, default=10, help="docs per MMLU subject")
+    ap.add_argument("--hellaswag", type=int, default=20)
+    ap.add_argument("--boolq", type=int, default=20)
+    ap.add_argument("--lm-eval-batch-size", default="1", help="lm-eval's --batch_size (its default is 1)")
+    ap.add_argument("--batch-size", default="auto", help="parity's batch size")
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+
+    repo = Path(__file__).resolve().parents[1]
+    shared = repo.parent / "shared" / "data"
+    tok = a.tokenizer or (shared / "tokenizers" / "llama2-tokenizer.model" if shared.is_dir() else None)
+    data_dir = a.data_dir or (str(shared) if shared.is_dir() else None)
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from parity.backends.hf import HFBackend
+    from parity.checkpoints.convert import convert
+    from parity.checkpoints.synthetic import cached_checkpoint
+    from parity.io import cache_dir
+    from parity.tasks.tokenize import build_requests
+
+    meta = cached_checkpoint(a.size, tokenizer=tok)
+    hf_dir = cache_dir() / "bench" / f"{meta.parent.name}-hf"
+    if not hf_dir.is_dir():
+        convert("meta", "hf", meta, hf_dir)
+    docs = pairs_from_tasks(data_dir, a.mmlu_subjects, a.mmlu, a.hellaswag, a.boolq)
+    pairs = [p for d in docs for p in d.requests]
+    print(f"checkpoint {hf_dir} ({a.size}, tokenizer {tok or 'project default'}); data {data_dir or 'samples'}; "
+          f"{len(docs)} docs, {len(pairs)} (context, continuation) pairs; torch threads {torch.get_num_threads()}")
+
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", add_bos_token=True,
+              batch_size=int(a.lm_eval_batch_size) if a.lm_eval_batch_size.isdigit() else a.lm_eval_batch_size)
+    ours = HFBackend(hf_dir, dtype="fp32")
+    bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
+
+    def run_lmeval():
+        inst = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+        return lm.loglikelihood(inst, disable_tqdm=True)
+
+    def run_parity():
+        reqs = [r for doc in build_requests(docs, meta / "tokenizer.model") for r in doc]
+        return reqs, ours.loglikelihood(reqs, bs)
+
+    times = {"lm-eval": [], "parity": []}
+    for i in range(a.repeats):
+        for name, fn in (("lm-eval", run_lmeval), ("parity", run_parity))[:: 1 if i % 2 == 0 else -1]:
+            t = time.perf_counter()
+            out = fn()
+            times[name].append(time.perf_counter() - t)
+            if name == "lm-eval":
+                theirs = out
+            else:
+                reqs, scores = out
+
+    # Tokens actually scored (context + continuation, as each side fed them) for tokens/s.
+    lm_ids = [lm._encode_pair(c, x) for c, x in pairs]
+    lm_tokens = sum(len(c) + len(x) for c, x in lm_ids)
+    our_tokens = sum(len(r.context) + len(r.continuation) for r in reqs)
+    same = [i for i, (r, (c, x)) in enumerate(zip(reqs, lm_ids))
+            if list(r.context) == list(c) and list(r.continuation) == list(x)]
+    diffs = [abs(scores[i].loglik - theirs[i][0]) for i in same]
+    t_lm, t_us = statistics.median(times["lm-eval"]), statistics.median(times["parity"])
+    print(f"lm-eval HFLM (batch {a.lm_eval_batch_size}): {t_lm:.2f} s median of {times['lm-eval']}, "
+          f"{lm_tokens / t_lm:.0f} tokens/s")
+    print(f"parity hf    (batch {a.batch_size}): {t_us:.2f} s median of {times['parity']}, "
+          f"{our_tokens / t_us:.0f} tokens/s")
+    print(f"speed-up: {t_lm / t_us:.2f}x")
+    print(f"max |loglik diff| over {len(same)}/{len(pairs)} requests with identical ids: "
+          f"{max(diffs) if diffs else float('nan'):.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
