@@ -16,8 +16,6 @@ lives here, once, so the three stacks are scored by identical code:
 
 from __future__ import annotations
 
-import math
-import sys
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -138,10 +136,3 @@ def torch_dtype(name: str) -> torch.dtype:
     except KeyError:
         raise UserError(f"unknown dtype {name!r}; use one of {', '.join(table)}") from None
 
-
-def is_finite(score: Score) -> bool:
-    return math.isfinite(score.loglik)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
