@@ -99,15 +99,21 @@ def check_tp(spec: Spec, tp: int, where: str) -> None:
                         f"{spec.size.n_kv_heads} kv groups of {spec.size.name}; pick a TP dividing both")
 
 
-def qkv_rank(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, spec: Spec, tp: int, r: int) -> torch.Tensor:
-    """Rank r's linear_qkv from Meta-order wq/wk/wv: groups [q heads of g, k_g, v_g], a block per rank."""
-    s = spec.size
-    g, hd = s.n_kv_heads, s.head_dim
-    q = permute(wq, s.n_heads).reshape(g, -1, s.dim)
-    k = permute(wk, s.n_kv_heads).reshape(g, hd, s.dim)
-    v = wv.reshape(g, hd, s.dim)
-    qkv = torch.cat([q, k, v], dim=1)
-    return qkv.chunk(tp, dim=0)[r].reshape(-1, s.dim).clone()
+def qkv_rank(src: Source, i: int, tp: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rank r's linear_qkv: its block of kv groups, each [q rows of the group's heads, k_g, v_g].
+
+    A block of groups is a block of whole heads in wq, wk and wv, so only those rows are read and the
+    rotate-half permutation is applied per head within the block."""
+    s = src.spec.size
+    gp, hd = s.n_kv_heads // tp, s.head_dim  # kv groups on this rank
+    per = s.n_heads // s.n_kv_heads  # query heads per group
+    q = src.block(f"layers.{i}.attention.wq.weight", 0, r * gp * per * hd, (r + 1) * gp * per * hd)
+    k = src.block(f"layers.{i}.attention.wk.weight", 0, r * gp * hd, (r + 1) * gp * hd)
+    v = src.block(f"layers.{i}.attention.wv.weight", 0, r * gp * hd, (r + 1) * gp * hd)
+    q = permute(q.to(dtype), gp * per).reshape(gp, per * hd, s.dim)
+    k = permute(k.to(dtype), gp).reshape(gp, hd, s.dim)
+    v = v.to(dtype).reshape(gp, hd, s.dim)
+    return torch.cat([q, k, v], dim=1).reshape(-1, s.dim)
 
 
 def split_qkv(blocks: list[torch.Tensor], spec: Spec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,43 +126,41 @@ def split_qkv(blocks: list[torch.Tensor], spec: Spec) -> tuple[torch.Tensor, tor
             v.reshape(-1, s.dim).clone())
 
 
-def vocab_block(t: torch.Tensor, padded: int, tp: int, r: int) -> torch.Tensor:
-    """Rank r's rows of the vocab padded with zero rows to `padded` (without padding the whole matrix)."""
-    rows = padded // tp
-    part = t[r * rows: (r + 1) * rows]
-    out = t.new_zeros((rows, *t.shape[1:]))
-    out[: part.shape[0]] = part
+def vocab_block(src: Source, key: str, padded: int, tp: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rank r's rows of the vocab padded with zero rows to `padded` (only this rank's rows are read)."""
+    rows, vocab = padded // tp, src.spec.vocab
+    out = torch.zeros((rows, src.spec.size.dim), dtype=dtype)
+    lo, hi = r * rows, min((r + 1) * rows, vocab)
+    if lo < hi:
+        out[: hi - lo] = src.block(key, 0, lo, hi)
     return out
 
 
 def rank_state(src: Source, tp: int, r: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Rank r's state_dict, built key by key from the source (one full tensor at a time)."""
+    """Rank r's state_dict, read key by key: only this rank's block of each tensor is ever read."""
     spec = src.spec
     vocab_p = padded_vocab(spec.vocab, tp)
 
-    def get(key):
-        return src.get(key).to(dtype)
+    def whole(key):  # replicated norms
+        return src.get(key).to(dtype, copy=True)
 
-    def split(t, how):
-        if how is None:
-            return t.clone()
-        return t.chunk(tp, dim=0 if how == "rows" else 1)[r].clone()
+    def split(key, how):
+        dim = 0 if how == "rows" else 1
+        w = spec.shape(key)[dim] // tp
+        return src.block(key, dim, r * w, (r + 1) * w).to(dtype, copy=True, memory_format=torch.contiguous_format)
 
-    state = {"embedding.word_embeddings.weight": vocab_block(get("tok_embeddings.weight"), vocab_p, tp, r)}
+    state = {"embedding.word_embeddings.weight": vocab_block(src, "tok_embeddings.weight", vocab_p, tp, r, dtype)}
     for i in range(spec.size.n_layers):
         L = f"decoder.layers.{i}."
-        state[L + "input_layernorm.weight"] = get(f"layers.{i}.attention_norm.weight").clone()
-        state[L + "self_attention.linear_qkv.weight"] = qkv_rank(
-            get(f"layers.{i}.attention.wq.weight"), get(f"layers.{i}.attention.wk.weight"),
-            get(f"layers.{i}.attention.wv.weight"), spec, tp, r)
-        state[L + "self_attention.linear_proj.weight"] = split(get(f"layers.{i}.attention.wo.weight"), "cols")
-        state[L + "pre_mlp_layernorm.weight"] = get(f"layers.{i}.ffn_norm.weight").clone()
+        state[L + "input_layernorm.weight"] = whole(f"layers.{i}.attention_norm.weight")
+        state[L + "self_attention.linear_qkv.weight"] = qkv_rank(src, i, tp, r, dtype)
+        state[L + "self_attention.linear_proj.weight"] = split(f"layers.{i}.attention.wo.weight", "cols")
+        state[L + "pre_mlp_layernorm.weight"] = whole(f"layers.{i}.ffn_norm.weight")
         state[L + "mlp.linear_fc1.weight"] = torch.cat(
-            [split(get(f"layers.{i}.feed_forward.w1.weight"), "rows"),
-             split(get(f"layers.{i}.feed_forward.w3.weight"), "rows")], dim=0)
-        state[L + "mlp.linear_fc2.weight"] = split(get(f"layers.{i}.feed_forward.w2.weight"), "cols")
-    state["decoder.final_layernorm.weight"] = get("norm.weight").clone()
-    state["output_layer.weight"] = vocab_block(get("output.weight"), vocab_p, tp, r)
+            [split(f"layers.{i}.feed_forward.w1.weight", "rows"), split(f"layers.{i}.feed_forward.w3.weight", "rows")])
+        state[L + "mlp.linear_fc2.weight"] = split(f"layers.{i}.feed_forward.w2.weight", "cols")
+    state["decoder.final_layernorm.weight"] = whole("norm.weight")
+    state["output_layer.weight"] = vocab_block(src, "output.weight", vocab_p, tp, r, dtype)
     return state
 
 

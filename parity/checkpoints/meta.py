@@ -133,6 +133,20 @@ class MetaSource(Source):
             return self.shards[0][key]
         return torch.cat([sd[key] for sd in self.shards], dim=d)
 
+    def block(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        d = split_dim(key)
+        if d is None or len(self.shards) == 1:
+            return self.shards[0][key].narrow(dim, start, stop - start)
+        if d != dim:  # every file holds a strip of the block: cut each, join along the file split
+            return torch.cat([sd[key].narrow(dim, start, stop - start) for sd in self.shards], dim=d)
+        width = self.shards[0][key].shape[d]  # the block spans only the files it overlaps
+        parts = []
+        for f, sd in enumerate(self.shards):
+            lo, hi = max(start, f * width), min(stop, (f + 1) * width)
+            if lo < hi:
+                parts.append(sd[key].narrow(d, lo - f * width, hi - lo))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=d)
+
 
 def load_meta(d: str | Path, mmap: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """(params, merged full tensors under Meta's names). For the backends; holds the whole model."""

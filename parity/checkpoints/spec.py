@@ -113,3 +113,8 @@ class Source:
 
     def get(self, key: str) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def block(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """[start, stop) of `key` along `dim` (a writer's TP slice). Formats whose files are already
+        split override this to read only the files that hold the block, never the full tensor."""
+        return self.get(key).narrow(dim, start, stop - start)
