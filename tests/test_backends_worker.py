@@ -73,7 +73,10 @@ def test_nonfinite_unit_fails_alone_and_existing_outputs_are_skipped(tmp_path, m
     good, bad, done = reqs(6), [Request((1, 9), (4,))] + reqs(2), reqs(3)
     outs = write_job(tmp_path / "job.json", "meta", tmp_path, 1, {"bad": bad, "good": good, "done": done})
     outs["done"].write_text("sentinel\n")  # already complete: must not be recomputed or touched
-    assert worker.run_job(tmp_path / "job.json") == 1
+    from parity.cli import main
+
+    assert main(["score", str(tmp_path / "job.json")]) == 2
+    assert f"meta: non-finite log-likelihood for request {bad[0].hash}" in capsys.readouterr().err
     err = outs["bad"].with_name(outs["bad"].name + ".error.json").read_text()
     assert "meta: non-finite log-likelihood for request " + bad[0].hash in err
     assert not outs["bad"].exists()

@@ -67,8 +67,8 @@ def error_path(output) -> Path:
     return Path(f"{output}.error.json")
 
 
-def run_job(job_path) -> int:
-    """Score every unit of a job in this process (one rank). Returns the number of failed units."""
+def run_job(job_path) -> list[str]:
+    """Score every unit of a job in this process (one rank). Returns the failed units' error lines."""
     from tqdm import tqdm
 
     from parity.requests import read_requests, write_scores
@@ -76,14 +76,14 @@ def run_job(job_path) -> int:
     job = read_job(job_path)
     pending = [u for u in job["units"] if not Path(u["output"]).is_file()]
     if not pending:
-        return 0
+        return []
     backend = load_backend(job["backend"], job["checkpoint"], tp=job.get("tp"), device=job.get("device", "cpu"),
                            dtype=job.get("dtype", "fp32"), tokenizer_vocab=job.get("vocab_size"),
                            max_length=job.get("max_length"))
     batch_size = str(job.get("batch_size", "auto"))
     batch_size = batch_size if batch_size == "auto" else int(batch_size)
     writer = backend.rank == 0
-    failed = 0
+    failed: list[str] = []
     for unit in pending:
         requests = read_requests(unit["requests"])
         t0 = time.perf_counter()
@@ -96,12 +96,10 @@ def run_job(job_path) -> int:
         error_path(unit["output"]).unlink(missing_ok=True)
         if bad is not None:
             r = requests[bad]
-            write_json(error_path(unit["output"]), {
-                "error": f"{job['backend']}: non-finite log-likelihood for request {r.hash} "
-                         f"(unit {unit['name']}, request #{bad}, value {scores[bad].loglik}); "
-                         f"try --dtype fp32 or check the checkpoint"})
-            failed += 1
-            print(f"parity score: {unit['name']}: non-finite log-likelihood for request {r.hash}", file=sys.stderr)
+            line = (f"{job['backend']}: non-finite log-likelihood for request {r.hash} (unit {unit['name']}, "
+                    f"request #{bad}, value {scores[bad].loglik}); try --dtype fp32 or check the checkpoint")
+            write_json(error_path(unit["output"]), {"error": line})
+            failed.append(line)
             continue
         write_scores(unit["output"], requests, scores)
         dt = time.perf_counter() - t0
@@ -111,8 +109,13 @@ def run_job(job_path) -> int:
 
 
 def cli_score(args) -> int:
+    """Exit 0 when every unit has scores; a unit with NaN/Inf fails alone (its .error.json), the others
+    are still scored, and the exit is 2 with the first such error as the one line."""
     failed = run_job(args.job)
-    return 1 if failed else 0
+    if failed:
+        more = f" (and {len(failed) - 1} more unit(s))" if len(failed) > 1 else ""
+        raise UserError(failed[0] + more)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- launching
