@@ -202,3 +202,18 @@ class HfSource(Source):
         h = heads_of(key, self.spec)
         return unpermute(t, h) if h else t
 
+    def block(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Read only the block (safetensors slices the file); q/k blocks must be whole heads."""
+        from safetensors import SafetensorError
+
+        h, hd = heads_of(key, self.spec), self.spec.size.head_dim
+        if h and (dim != 0 or start % hd or stop % hd):
+            return super().block(key, dim, start, stop)
+        hk = hf_key(key)
+        index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
+        try:
+            t = self.handles[self.where[hk]].get_slice(hk)[index]
+        except SafetensorError as e:
+            raise UserError(f"{self.dir / self.where[hk]}: cannot read {hk} ({str(e)[:160]}); truncated or corrupt") from None
+        return unpermute(t, (stop - start) // hd) if h else t
+

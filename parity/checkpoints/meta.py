@@ -41,14 +41,6 @@ def split_dim(key: str) -> int | None:
     return SPLIT_DIM[key.split(".", 2)[-1] if key.startswith("layers.") else key]
 
 
-def piece(full: torch.Tensor, key: str, n: int, r: int) -> torch.Tensor:
-    """File r's part of a full tensor (a copy, so torch.save does not store the whole storage)."""
-    d = split_dim(key)
-    if d is None:
-        return full.clone()
-    return full.chunk(n, dim=d)[r].clone()
-
-
 def files(d: str | Path) -> list[Path]:
     d = Path(d)
     found = sorted((int(m.group(1)), p) for p in d.glob("consolidated.*.pth") if (m := FILE_RE.fullmatch(p.name)))
@@ -175,10 +167,14 @@ def write_meta(src: Source, out: Path, n: int, dtype: torch.dtype | None = None)
     for r in range(n):
         state = {}
         for key in spec.keys():
-            t = src.get(key)
-            if dtype is not None:
-                t = t.to(dtype)
-            state[key] = piece(t, key, n, r)
+            d = split_dim(key)
+            if d is None:
+                t = src.get(key)
+            else:  # only file r's block is read from the source
+                w = spec.shape(key)[d] // n
+                t = src.block(key, d, r * w, (r + 1) * w)
+            # an owned, contiguous copy: torch.save would otherwise store a view's whole storage
+            state[key] = t.to(dtype or t.dtype, copy=True, memory_format=torch.contiguous_format)
             del t
         with atomic_file(out / f"consolidated.{r:02d}.pth", "wb") as f:
             torch.save(state, f)
