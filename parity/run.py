@@ -118,7 +118,7 @@ class Plan:
     launcher: str
     checkpoints: dict
     data_dir: str | None = None
-    data: dict = field(default_factory=dict)  # (tokenizer sha, test) -> TestData
+    tokenizer_vocab: dict = field(default_factory=dict)  # size -> vocab of the tokenizer requests use
 
 
 def _default_device() -> str:
@@ -168,6 +168,7 @@ def load_test_data(plan: Plan, args) -> dict[str, dict[str, TestData]]:
     for size in plan.sizes:
         ref_tok = tokenizer_path(plan.checkpoints[size][plan.reference].path)
         tok_sha = sha256_file(ref_tok)
+        plan.tokenizer_vocab[size] = _sp_vocab(ref_tok)
         for backend, ckpt in plan.checkpoints[size].items():
             other = tokenizer_path(ckpt.path)
             if other.is_file() and sha256_file(other) != tok_sha:
@@ -178,6 +179,12 @@ def load_test_data(plan: Plan, args) -> dict[str, dict[str, TestData]]:
                                for t, ld in docs_by_test.items()}
         per_size[size] = by_tok[tok_sha]
     return per_size
+
+
+def _sp_vocab(path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -240,7 +247,8 @@ def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], dat
             write_requests(req_path, data[u.test].unique)
         job_units.append({"name": u.test, "requests": str(req_path), "output": str(scores_path(plan.run_dir, u))})
     job = {"backend": backend, "checkpoint": str(ckpt.path), "tp": ckpt.tp, "device": plan.device,
-           "dtype": plan.dtype, "batch_size": plan.batch_size, "size": size, "units": job_units}
+           "dtype": plan.dtype, "batch_size": plan.batch_size, "size": size,
+           "vocab_size": plan.tokenizer_vocab.get(size), "units": job_units}
     job_path = plan.run_dir / "jobs" / f"{size}-{backend}.json"
     write_json(job_path, job)
     t0 = time.perf_counter()
