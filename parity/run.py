@@ -229,7 +229,11 @@ def finish_unit(plan: Plan, u: Unit, td: TestData) -> None:
         write_jsonl(sample_path(plan.run_dir, u), per_sample_rows(td, scores))
         u.status, u.error = "done", None
     elif err.is_file():
-        u.status, u.error = "failed", read_json(err).get("error", "worker error")
+        info = read_json(err)
+        u.status, u.error = "failed", info.get("error", "worker error")
+        docs = [d.doc_id for d, reqs in zip(td.docs, td.requests) if any(r.hash == info.get("request") for r in reqs)]
+        if docs:
+            u.error += f" [test {u.test}, doc {', '.join(docs[:5])}]"
     else:
         u.status = "failed"
         u.error = u.error or "worker produced no results"

@@ -26,7 +26,7 @@ from parity.requests import Request, Score
 
 # "auto" batch size: the number of (padded) tokens per forward pass. Bounded by tokens, not rows, so a
 # batch of long inputs and a batch of short ones cost about the same memory.
-AUTO_TOKENS_PER_BATCH = {"cpu": 4096, "cuda": 32768}
+AUTO_TOKENS_PER_BATCH = {"cpu": 1024, "cuda": 32768}  # cpu: measured best on 2 cores (bench/)
 AUTO_MAX_ROWS = 64
 PAD_ID = 0  # never attended to by a real token (right padding + causal attention), any id would do
 
@@ -40,10 +40,12 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
     max_batch_rows: int | None = None  # a hard cap some stacks have (Meta's kv cache)
     rank: int = 0  # writes results only when 0; all ranks compute
+    supports_keep: bool = False  # forward(tokens, keep) returns logits only at the positions in keep
 
     @abstractmethod
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens LongTensor[B, T] on self.device -> logits FloatTensor[B, T, vocab_size] (any float dtype)."""
+        """tokens LongTensor[B, T] on self.device -> logits FloatTensor[B, T, vocab_size] (any float dtype).
+        With supports_keep, also forward(tokens, keep: list of positions) -> [B, len(keep), vocab_size]."""
 
     # ---- shared code -------------------------------------------------------------------------------
 
@@ -96,16 +98,27 @@ class Backend(ABC):
             batch = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
             for row, k in enumerate(chunk):
                 batch[row, :len(keys[k])] = torch.tensor(keys[k], dtype=torch.long)
-            logits = self._checked_forward(batch.to(self.device))
+            # Only positions that predict a continuation token are needed. A backend that can skip the
+            # output layer elsewhere (HF's logits_to_keep) computes just these: on a 32000-word vocab the
+            # output layer and the logits it writes are most of a small model's cost.
+            spans = {k: max(plan[i][1] for i in by_input[k]) for k in chunk}
+            needed = sorted({p for k in chunk for p in range(len(keys[k]) - spans[k], len(keys[k]))})
+            keep = needed if self.supports_keep and len(needed) < width else None
+            logits = self._checked_forward(batch.to(self.device), keep)
+            column = {p: j for j, p in enumerate(keep)} if keep else None
             done = 0
             for row, k in enumerate(chunk):
-                n = len(keys[k])
-                logprobs = logits[row, :n].float().log_softmax(-1)  # fp32, whatever the compute dtype
+                n, span = len(keys[k]), spans[k]
+                cols = range(n - span, n)
+                idx = [column[p] for p in cols] if column else list(cols)
+                # log_softmax is row-wise: normalising only these rows gives the numbers of a full one;
+                # fp32 whatever the compute dtype.
+                logprobs = logits[row, idx].float().log_softmax(-1)
                 for i in by_input[k]:
                     cont_len = plan[i][1]
                     cont = torch.tensor(requests[i].continuation[-cont_len:], dtype=torch.long,
                                         device=logprobs.device)
-                    lp = logprobs[n - cont_len:n]
+                    lp = logprobs[span - cont_len:]
                     scores[i] = Score(float(lp.gather(1, cont[:, None]).sum()),
                                       bool((lp.argmax(-1) == cont).all()))
                     done += 1
@@ -113,9 +126,9 @@ class Backend(ABC):
                 progress(done)
         return scores  # type: ignore[return-value]
 
-    def _checked_forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.forward(tokens)
-        expect = (*tokens.shape, self.vocab_size)
+    def _checked_forward(self, tokens: torch.Tensor, keep: list[int] | None = None) -> torch.Tensor:
+        out = self.forward(tokens, keep) if keep is not None else self.forward(tokens)
+        expect = (tokens.shape[0], len(keep) if keep is not None else tokens.shape[1], self.vocab_size)
         if tuple(out.shape) != expect:  # a wiring bug, not bad input: fail loudly
             raise RuntimeError(f"{self.name}: forward returned {tuple(out.shape)}, expected {expect}")
         return out

@@ -40,5 +40,9 @@ class HFBackend(Backend):
         self.device = self.model.get_input_embeddings().weight.device
         self.rank = rank_from_env()  # one process normally; under a launcher only rank 0 writes
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, use_cache=False).logits[..., :self.vocab_size]
+    supports_keep = True
+
+    def forward(self, tokens: torch.Tensor, keep: list[int] | None = None) -> torch.Tensor:
+        # logits_to_keep: transformers' own way to run lm_head on some positions only (0 = all)
+        kw = {"logits_to_keep": torch.tensor(keep, device=tokens.device)} if keep is not None else {}
+        return self.model(input_ids=tokens, use_cache=False, **kw).logits[..., :self.vocab_size]

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from parity.errors import UserError
@@ -84,27 +83,25 @@ def run_job(job_path) -> list[str]:
     batch_size = batch_size if batch_size == "auto" else int(batch_size)
     writer = backend.rank == 0
     failed: list[str] = []
-    for unit in pending:
-        requests = read_requests(unit["requests"])
-        t0 = time.perf_counter()
-        with tqdm(total=len(requests), desc=f"{job['backend']}/{unit['name']}", unit="req", file=sys.stderr,
-                  disable=not writer or not requests, mininterval=1.0, dynamic_ncols=True) as bar:
+    units = [(u, read_requests(u["requests"])) for u in pending]
+    # One bar for the whole job (all its tests): the model is loaded once and scores them in a row.
+    with tqdm(total=sum(len(r) for _, r in units), desc=f"{job.get('size', '')}/{job['backend']}".lstrip("/"),
+              unit="req", file=sys.stderr, disable=not writer, mininterval=1.0, dynamic_ncols=True) as bar:
+        for unit, requests in units:
+            bar.set_postfix_str(unit["name"], refresh=False)
             scores = backend.loglikelihood(requests, batch_size, progress=bar.update)
-        bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
-        if not writer:
-            continue
-        error_path(unit["output"]).unlink(missing_ok=True)
-        if bad is not None:
-            r = requests[bad]
-            line = (f"{job['backend']}: non-finite log-likelihood for request {r.hash} (unit {unit['name']}, "
-                    f"request #{bad}, value {scores[bad].loglik}); try --dtype fp32 or check the checkpoint")
-            write_json(error_path(unit["output"]), {"error": line})
-            failed.append(line)
-            continue
-        write_scores(unit["output"], requests, scores)
-        dt = time.perf_counter() - t0
-        print(f"parity score: {job['backend']}/{unit['name']}: {len(requests)} requests in {dt:.1f}s "
-              f"({len(requests) / max(dt, 1e-9):.1f} req/s)", file=sys.stderr)
+            bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
+            if not writer:
+                continue
+            error_path(unit["output"]).unlink(missing_ok=True)
+            if bad is not None:
+                r = requests[bad]
+                line = (f"{job['backend']}: non-finite log-likelihood ({scores[bad].loglik}) for request {r.hash} "
+                        f"(unit {unit['name']}, request #{bad}); try --dtype fp32 or check the checkpoint")
+                write_json(error_path(unit["output"]), {"error": line, "request": r.hash})
+                failed.append(line)
+                continue
+            write_scores(unit["output"], requests, scores)
     return failed
 
 
