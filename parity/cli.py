@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="a sentencepiece tokenizer.model (default: train a small one)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="stored dtype (Llama-2's files are bf16)")
     p.add_argument("--overwrite", action="store_true")
 
     p = _verb(sub, "tasks", "parity.tasks.cli:cli_tasks",
