@@ -20,6 +20,10 @@ from typing import Any, Iterator
 from parity.errors import UserError
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def fault_point(point: str, detail: str) -> None:
     """Fault injection for the interruption tests: PARITY_FAULT="<point>:<substring>" makes the process
     that reaches `point` with `substring` in `detail` kill itself with SIGKILL (no cleanup runs), so a
@@ -42,6 +46,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         if _pid_gone(stale.name.split(".")[-3]):
             stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results and checkpoints are meant to be shared
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -129,12 +134,27 @@ def load_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused to load: the file holds objects other than tensors "
-                        f"({first[:200]}); only weights_only checkpoints are accepted") from None
+                        f"({_unpickler_reason(e)}); only weights_only checkpoints are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot read checkpoint ({msg[:200]}); the file is truncated or corrupt") from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The line of torch's weights_only error that names what was refused (e.g. "Unsupported global:
+    GLOBAL builtins.open"), without its ANSI codes and without its advice to load the file unsafely."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    for ln in lines:
+        m = re.search(r"(Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+[^.]*|Unsupported operand \S+)", ln)
+        if m:
+            return m.group(1)[:200]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            return ln.removeprefix("WeightsUnpickler error:").strip().split(". ")[0][:200]
+    return next((ln for ln in lines if ln), type(e).__name__)[:200]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
