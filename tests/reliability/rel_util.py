@@ -1,0 +1,33 @@
+"""Helpers of the reliability tests: `parity` as a user runs it (a subprocess, optionally under an
+address-space limit) and the one-line error check."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+AS_LIMIT = 4 << 30  # bytes of address space a command that reads a hostile file may use
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+
+def run_parity(*args, env: dict | None = None, limit_memory: bool = False, cwd=None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "parity", *map(str, args)], cwd=cwd,
+                          env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_limit_memory if limit_memory else None)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """Exit `code` with exactly one stderr line, no traceback, containing every needle."""
+    err = r.stderr.strip()
+    assert r.returncode == code, (r.returncode, err[-3000:])
+    assert "Traceback" not in err and "MemoryError" not in err, err[-3000:]
+    assert len(err.splitlines()) == 1, err[-3000:]
+    for n in needles:
+        assert n in err, (n, err)
+    return err
