@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -76,9 +77,10 @@ def test_nonfinite_unit_fails_alone_and_existing_outputs_are_skipped(tmp_path, m
     from parity.cli import main
 
     assert main(["score", str(tmp_path / "job.json")]) == 2
-    assert f"meta: non-finite log-likelihood for request {bad[0].hash}" in capsys.readouterr().err
-    err = outs["bad"].with_name(outs["bad"].name + ".error.json").read_text()
-    assert "meta: non-finite log-likelihood for request " + bad[0].hash in err
+    assert f"meta: non-finite log-likelihood (nan) for request {bad[0].hash}" in capsys.readouterr().err
+    err = json.loads(outs["bad"].with_name(outs["bad"].name + ".error.json").read_text())
+    assert "meta: non-finite log-likelihood (nan) for request " + bad[0].hash in err["error"]
+    assert err["request"] == bad[0].hash
     assert not outs["bad"].exists()
     scores = read_scores(outs["good"])
     assert set(scores) == {r.hash for r in good} and all(math.isfinite(s.loglik) for s in scores.values())
