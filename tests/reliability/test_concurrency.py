@@ -1,0 +1,57 @@
+"""Concurrency, end to end: two `parity run` on different results directories run side by side and both
+finish with identical results; a third on a directory in use is refused, naming the holder.
+
+The lock itself (kernel-released when the holder dies) is unit-tested in
+tests/test_run_plan.py::test_second_writer_is_refused_naming_the_holder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rel_util import run_parity
+
+ARGS = ["run", "--sizes", "7b-mini", "--backends", "meta,hf", "--tests", "boolq,mmlu_anatomy,xcopa_et"]
+
+
+def start(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "parity", *ARGS, "--out", str(out)], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def digests(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.glob("7b-mini/*/*.jsonl"))}
+
+
+def test_two_runs_side_by_side_and_a_third_on_a_busy_directory(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pa, pb = start(a), start(b)
+    try:
+        lock = a / ".lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().strip()) and pa.poll() is None:
+            assert time.monotonic() < deadline, "run a never took its lock"
+            time.sleep(0.2)
+        busy = run_parity(*ARGS, "--out", a)
+        a_was_running = pa.poll() is None
+        outs = [p.communicate(timeout=600) for p in (pa, pb)]
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert pa.returncode == 0, outs[0][1][-3000:]
+    assert pb.returncode == 0, outs[1][1][-3000:]
+    assert digests(a) == digests(b) and len(digests(a)) == 6
+    if a_was_running:  # the normal case: run a takes seconds, the refusal a fraction of that
+        assert busy.returncode == 2, busy.stderr[-3000:]
+        assert f"in use by parity run pid {pa.pid}" in busy.stderr and str(lock) in busy.stderr
+    # a's results are intact after the refused attempt: a repeat reuses every unit
+    again = run_parity(*ARGS, "--out", a)
+    assert again.returncode == 0 and "6 reused, 0 to score" in again.stderr, again.stderr[-3000:]
