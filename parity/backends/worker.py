@@ -181,7 +181,12 @@ def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # a nested launch must not inherit a rank
     tail = bytearray()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    # the stacks print to stdout (fairscale, megatron): keep stdout for the report, send theirs to stderr
+    try:
+        child_stdout = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        child_stdout = subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=child_stdout, stderr=subprocess.PIPE, env=env)
 
     def pump():  # bytes, not lines: tqdm redraws with \r
         while chunk := os.read(proc.stderr.fileno(), 65536):
