@@ -128,3 +128,40 @@ def test_default_run_prints_the_four_tables(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert counts(again.stderr) == (720, 0)
     assert again.stdout == r.stdout
+
+
+def test_check_catches_a_broken_conversion(baseline, tmp_path):
+    """One layer of the Megatron checkpoint perturbed: `parity check` against the good run exits 1 and
+    names the tests that moved; the unchanged conversion passes."""
+    import shutil
+
+    import torch
+
+    from parity.config import resolve_checkpoints
+    from parity.io import load_torch
+
+    good = resolve_checkpoints(["7b-mini"], ["megatron"], {}, {})["7b-mini"]["megatron"].path
+    broken = tmp_path / "megatron-broken"
+    shutil.copytree(good, broken)
+    rank_file = next(broken.rglob("model_optim_rng.pt"))
+    ckpt = load_torch(rank_file)
+    key = next(k for k in ckpt["model"] if k.endswith("layers.1.mlp.linear_fc2.weight"))
+    ckpt["model"][key] = ckpt["model"][key] * 3.0
+    torch.save(ckpt, rank_file)
+
+    baseline_report = str(baseline / "report.json")
+    r = parity("check", str(baseline), "--baseline", baseline_report)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    out = tmp_path / "run"
+    r = parity(*SMALL, "--out", str(out), "--checkpoint", f"7b-mini:megatron={broken}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = parity("check", str(out), "--baseline", baseline_report)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL" in r.stdout
+    regressions = [line for line in r.stdout.splitlines() if "vs baseline |" in line]
+    for test in ("boolq", "mmlu_anatomy", "bigbench_undo_permutation"):
+        # every test's log-likelihoods moved, whether or not a prediction flipped
+        assert any(f"| megatron | {test} |" in line for line in regressions), r.stdout
+    assert not any("| hf |" in line for line in regressions)  # the untouched backend is not blamed
+    assert "7b-mini/megatron/boolq" in r.stderr  # the one-line summary for CI logs
