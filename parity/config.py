@@ -16,7 +16,7 @@ from pathlib import Path
 
 from parity import arch
 from parity.errors import UserError
-from parity.io import cache_dir, fingerprint_dir
+from parity.io import cache_dir, fingerprint_dir, read_yaml_mapping
 
 BACKEND_FORMAT = {"meta": "meta", "hf": "hf", "megatron": "megatron"}
 
@@ -47,17 +47,7 @@ class Checkpoint:
 def load_config(path: str | None) -> dict:
     if not path:
         return {}
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: config file not found")
-    try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{p}: expected a mapping with keys like 'checkpoints' and 'run'")
+    cfg = read_yaml_mapping(path, "config file")
     for size in (cfg.get("checkpoints") or {}):
         arch.get_size(size)
     return cfg

@@ -82,6 +82,22 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{path}: not valid JSON ({e}); regenerate or fix the file") from None
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """A yaml file that must hold a mapping (configs, thresholds); any problem is one UserError line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the {what}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the {what} must be a mapping (key: value lines)")
+    return data
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp directory that becomes `path` only if the block succeeds."""

@@ -182,9 +182,9 @@ def load_test_data(plan: Plan, args) -> dict[str, dict[str, TestData]]:
 
 
 def _sp_vocab(path) -> int:
-    import sentencepiece as spm
+    from parity.tokenizer import load_sp
 
-    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    return load_sp(path).get_piece_size()
 
 
 # ---------------------------------------------------------------------------------------------- units

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.errors import CheckFailed, UserError
-from parity.io import read_json
+from parity.io import read_json, read_yaml_mapping
 from parity.report.build import REPORT_FORMAT, build_report, fmt_pct
 
 # Used when neither --thresholds nor ./configs/thresholds.yaml exists (an installed parity has no
@@ -43,14 +43,7 @@ def load_thresholds(path: str | None, flags: dict | None = None) -> tuple[dict, 
     if path and not p.is_file():
         raise UserError(f"{p}: thresholds file not found; pass an existing yaml to --thresholds")
     if p is not None:
-        import yaml
-
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the thresholds file") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{p}: expected a mapping of threshold names to numbers")
+        data = read_yaml_mapping(p, "thresholds file")
         unknown = sorted(set(data) - set(DEFAULT_THRESHOLDS))
         if unknown:
             raise UserError(f"{p}: unknown threshold {', '.join(unknown)}; known: {', '.join(DEFAULT_THRESHOLDS)}")

@@ -17,17 +17,9 @@ from parity.requests import Request
 
 @lru_cache(maxsize=4)
 def _processor(path: str):
-    import sentencepiece as spm
+    from parity.tokenizer import load_sp
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: tokenizer.model not found; pass the checkpoint's sentencepiece model")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(p))
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"{p}: not a sentencepiece model ({str(e).splitlines()[0][:120]})") from None
-    return sp
+    return load_sp(path)
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
