@@ -360,12 +360,16 @@ def execute(plan: Plan, args, progress=print) -> dict:
              f"results in {plan.run_dir}")
     write_manifest(plan, data_by_size, units, ckpts, timings, previous)
 
+    finished = []
+
     def work(key):
         size, backend = key
         secs = run_worker_group(plan, size, backend, groups[key], data_by_size[size], progress)
         timings[f"{size}/{backend}_s"] = round(secs, 3)
         done = sum(u.status == "done" for u in groups[key])
-        progress(f"{size}/{backend}: {done}/{len(groups[key])} tests done in {secs:.1f}s")
+        finished.append(key)
+        progress(f"[{len(finished)}/{len(groups)}] {size}/{backend}: {done}/{len(groups[key])} tests done "
+                 f"in {secs:.1f}s ({time.perf_counter() - t_start:.0f}s elapsed)")
         return key
 
     with ThreadPoolExecutor(max_workers=max(1, getattr(args, "parallel", 1))) as pool:
