@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from parity.backends.base import Backend, check_vocab, torch_dtype
 from parity.backends.dist import rank_from_env
 from parity.errors import UserError
+from parity.io import read_json
 
 
 class HFBackend(Backend):
@@ -17,13 +17,14 @@ class HFBackend(Backend):
 
     def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
                  dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+        from safetensors import SafetensorError
         from transformers import LlamaForCausalLM
 
         checkpoint = Path(checkpoint)
         config_path = checkpoint / "config.json"
         if not config_path.is_file():
             raise UserError(f"{config_path}: not found; point the hf backend at a converted HF directory")
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path, "HF config")
         self.vocab_size = int(config["vocab_size"])
         check_vocab(self.name, self.vocab_size, tokenizer_vocab, checkpoint)
         self.max_length = max_length or int(config.get("max_position_embeddings", 4096))
@@ -32,7 +33,7 @@ class HFBackend(Backend):
         kwargs = {"device_map": "auto"} if several_gpus else {}
         try:
             self.model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype(dtype), **kwargs)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise UserError(f"{checkpoint}: cannot load HF checkpoint ({str(e).splitlines()[0][:200]})") from None
         if not several_gpus:
             self.model.to(device)

@@ -183,9 +183,6 @@ def test_safetensors_claiming_absurd_sizes_converter(edit, converted, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(reason="parity/backends/hf.py catches only OSError/ValueError around from_pretrained; "
-                          "safetensors.SafetensorError escapes as a traceback (fix reported to the lead)",
-                   strict=False)
 @pytest.mark.parametrize("edit", [_header_len, _shape], ids=lambda f: f.__name__.strip("_"))
 def test_safetensors_claiming_absurd_sizes_hf_worker(edit, converted, tmp_path):
     hf = tmp_path / "hf"
