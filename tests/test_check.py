@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from report_fakes import make_run, read_rows, write_rows
@@ -87,9 +88,9 @@ def test_threshold_sources(tmp_path, monkeypatch):
 
 
 def test_repo_thresholds_match_builtin_defaults(monkeypatch):
-    from conftest import REPO
+    repo = Path(__file__).resolve().parents[1]
 
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(repo)
     th, src = load_thresholds(None)
     assert src == "configs/thresholds.yaml" and th == DEFAULT_THRESHOLDS
 
