@@ -83,7 +83,7 @@ def main() -> int:
     meta_dir = cached_checkpoint(a.size, tokenizer=a.tokenizer)
     dirs = {"meta": meta_dir}
     for fmt in ("hf", "megatron"):
-        out = cache_dir() / "bench" / f"{meta_dir.parent.name}-{fmt}-tp1"
+        out = cache_dir() / "bench" / f"{meta_dir.parent.name}-{fmt}{'-tp1' if fmt == 'megatron' else ''}"
         if not out.is_dir():
             convert("meta", fmt, meta_dir, out, **({"target_tp": 1} if fmt == "megatron" else {}))
         dirs[fmt] = out

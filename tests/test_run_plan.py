@@ -79,3 +79,14 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 def test_different_directories_lock_independently(tmp_path):
     with RunLock(tmp_path / "a"), RunLock(tmp_path / "b"):
         time.sleep(0)
+
+
+def test_results_of_an_incompatible_version_are_refused(tmp_path):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"format": 0, "units": {}}')
+    r = subprocess.run([sys.executable, "-m", "parity", "run", "--sizes", "7b-mini", "--tests", "boolq",
+                        "--out", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "incompatible parity version" in r.stderr and "Traceback" not in r.stderr
+    assert (run_dir / "manifest.json").read_text() == '{"format": 0, "units": {}}'  # left as it was
