@@ -41,6 +41,7 @@ class Backend(ABC):
     max_batch_rows: int | None = None  # a hard cap some stacks have (Meta's kv cache)
     rank: int = 0  # writes results only when 0; all ranks compute
     supports_keep: bool = False  # forward(tokens, keep) returns logits only at the positions in keep
+    supports_shared_context: bool = False  # implements forward_shared_context (a kv cache)
 
     @abstractmethod
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,43 @@ class Backend(ABC):
     def loglikelihood(self, requests: list[Request], batch_size: int | str = "auto",
                       progress: Callable[[int], None] | None = None) -> list[Score]:
         """Score every request; `progress(n)` is called with the number of requests just finished."""
+        if not self.supports_shared_context:
+            return self._loglikelihood_batched(requests, batch_size, progress)
+        groups, rest = shared_context_groups(requests, self.max_length)
+        scores: list[Score | None] = [None] * len(requests)
+        for members in groups:
+            for i, score in zip(members, self._score_shared_context([requests[i] for i in members])):
+                scores[i] = score
+            if progress:
+                progress(len(members))
+        for i, score in zip(rest, self._loglikelihood_batched([requests[i] for i in rest], batch_size, progress)):
+            scores[i] = score
+        return scores  # type: ignore[return-value]
+
+    def _score_shared_context(self, members: list[Request]) -> list[Score]:
+        """Choices that share a context (hellaswag's endings): the context runs once, its kv cache is
+        repeated for every choice, and only the choices' own tokens run again."""
+        ctx = torch.tensor([members[0].context], dtype=torch.long, device=self.device)
+        conts = [r.continuation for r in members]
+        width = max(len(c) for c in conts) - 1
+        rest = torch.full((len(members), width), PAD_ID, dtype=torch.long)
+        for row, c in enumerate(conts):
+            rest[row, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+        last, more = self.forward_shared_context(ctx, rest.to(self.device))
+        out = []
+        for row, c in enumerate(conts):
+            logits = torch.cat([last[None], more[row, :len(c) - 1]]) if len(c) > 1 else last[None]
+            lp = logits.float().log_softmax(-1)
+            target = torch.tensor(c, dtype=torch.long, device=lp.device)
+            out.append(Score(float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+        return out
+
+    def forward_shared_context(self, context: torch.Tensor, continuations: torch.Tensor):
+        """context [1, C], continuations [k, W] (right-padded, each choice's tokens but its last) ->
+        (logits [V] at the context's last position, logits [k, W, V] at the continuation positions)."""
+        raise NotImplementedError
+
+    def _loglikelihood_batched(self, requests: list[Request], batch_size, progress) -> list[Score]:
         # Unique model inputs, and for each request: (input index, continuation length).
         inputs: dict[tuple[int, ...], int] = {}
         plan: list[tuple[int, int]] = []
@@ -132,6 +170,24 @@ class Backend(ABC):
         if tuple(out.shape) != expect:  # a wiring bug, not bad input: fail loudly
             raise RuntimeError(f"{self.name}: forward returned {tuple(out.shape)}, expected {expect}")
         return out
+
+
+def shared_context_groups(requests: list[Request], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Indices of requests worth scoring with a shared context's kv cache: same context, at least two
+    choices, some choice longer than one token (single-token choices already share one forward), and no
+    truncation (a truncated input no longer starts with the whole context). The rest: plain batches."""
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        by_ctx.setdefault(r.context, []).append(i)
+    groups, rest = [], []
+    for members in by_ctx.values():
+        conts = [requests[i].continuation for i in members]
+        fits = all(len(requests[i].context) + len(c) - 1 <= max_length for i, c in zip(members, conts))
+        if len(members) > 1 and max(map(len, conts)) > 1 and fits:
+            groups.append(members)
+        else:
+            rest.extend(members)
+    return groups, sorted(rest)
 
 
 def check_vocab(backend_name: str, checkpoint_vocab: int, tokenizer_vocab: int | None, where) -> None:

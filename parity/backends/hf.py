@@ -42,6 +42,19 @@ class HFBackend(Backend):
         self.rank = rank_from_env()  # one process normally; under a launcher only rank 0 writes
 
     supports_keep = True
+    supports_shared_context = True
+
+    def forward_shared_context(self, context: torch.Tensor, continuations: torch.Tensor):
+        # transformers' own kv cache: the context once, then every choice's tokens against a copy of it
+        out = self.model(input_ids=context, use_cache=True, logits_to_keep=1)
+        last = out.logits[0, -1, :self.vocab_size]
+        if continuations.shape[1] == 0:
+            return last, continuations.new_zeros((*continuations.shape, self.vocab_size), dtype=last.dtype)
+        cache = out.past_key_values
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(continuations.shape[0])
+        more = self.model(input_ids=continuations, past_key_values=cache, use_cache=True).logits
+        return last, more[..., :self.vocab_size]
 
     def forward(self, tokens: torch.Tensor, keep: list[int] | None = None) -> torch.Tensor:
         # logits_to_keep: transformers' own way to run lm_head on some positions only (0 = all)

@@ -127,6 +127,9 @@ def test_skip_bad_docs_runs_and_counts_them(tmp_path, capsys):
     assert {u["status"] for u in manifest["units"].values()} == {"done"}
     report = json.loads((out / "report.json").read_text())
     assert {t: report["tests"][t]["n_bad"] for t in tests} == {t: 1 for t in tests}
+    md = (out / "report.md").read_text()
+    for t in tests:  # the markdown says so too, not only the json
+        assert f"- {t}: 1 malformed document(s) skipped" in md
     for t in tests:  # the skipped document is absent from the per-sample files, the others are scored
         rows = [json.loads(x) for x in (out / "7b-mini" / "meta" / f"{t}.jsonl").read_text().splitlines()]
         assert len(rows) == 2
