@@ -39,3 +39,13 @@ def world_size_from_env() -> int:
 
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def shutdown(clean: bool) -> None:
+    """Leave the process group before the interpreter exits: left to teardown, gloo's threads can abort a
+    rank ("terminate called without an active exception", SIGABRT) after all its work is done. After an
+    error no barrier: the other ranks may never reach it."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -108,7 +108,14 @@ def run_job(job_path) -> list[str]:
 def cli_score(args) -> int:
     """Exit 0 when every unit has scores; a unit with NaN/Inf fails alone (its .error.json), the others
     are still scored, and the exit is 2 with the first such error as the one line."""
-    failed = run_job(args.job)
+    from parity.backends.dist import shutdown
+
+    try:
+        failed = run_job(args.job)
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown(clean=True)
     if failed:
         more = f" (and {len(failed) - 1} more unit(s))" if len(failed) > 1 else ""
         raise UserError(failed[0] + more)
