@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from parity.errors import CheckFailed, UserError
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, CheckFailed) as e:
         print(f"parity {args.verb}: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `parity tasks | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"parity {args.verb}: interrupted; finished results are kept, run again to resume",
               file=sys.stderr)
