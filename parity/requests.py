@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from parity.errors import UserError
@@ -21,7 +22,7 @@ class Request:
     context: tuple[int, ...]  # starts with BOS (1)
     continuation: tuple[int, ...]  # at least one token
 
-    @property
+    @cached_property  # asked for many times per request (dedup, digests, per-sample rows): hash once
     def hash(self) -> str:
         payload = json.dumps([self.context, self.continuation], separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

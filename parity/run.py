@@ -20,6 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from parity import RESULTS_FORMAT, __version__, arch
@@ -72,7 +73,7 @@ class TestData:
     source: str
     n_bad: int
 
-    @property
+    @cached_property  # requests never change after tokenization; asked for per size and backend
     def unique(self) -> list[Request]:
         seen, out = set(), []
         for doc in self.requests:
@@ -82,7 +83,7 @@ class TestData:
                     out.append(r)
         return out
 
-    @property
+    @cached_property
     def digest(self) -> str:
         h = hashlib.sha256()
         for doc in self.requests:
