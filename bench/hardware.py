@@ -20,7 +20,7 @@ import time
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from parity.dtypes import DTYPES, torch_dtype
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
@@ -88,7 +88,7 @@ def main() -> int:
             convert("meta", fmt, meta_dir, out, **({"target_tp": 1} if fmt == "megatron" else {}))
         dirs[fmt] = out
 
-    ceiling = matmul_gflops(DTYPES[a.dtype])
+    ceiling = matmul_gflops(torch_dtype(a.dtype))
     print(f"{a.size} {a.dtype}, batch {a.batch} x {a.seq} tokens, torch threads {torch.get_num_threads()}; "
           f"matmul ceiling {ceiling:.1f} GFLOP/s (4096^3 torch.matmul)")
     for name in a.backends.split(","):

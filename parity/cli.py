@@ -10,11 +10,10 @@ import importlib
 import os
 import sys
 
+from parity.dtypes import DTYPES
 from parity.errors import CheckFailed, UserError
 
-DTYPES = ["fp32", "bf16", "fp16"]
 FORMATS = ["meta", "hf", "megatron"]
-BACKENDS = ["meta", "hf", "megatron"]
 
 
 def _verb(sub, name: str, target: str, help: str) -> argparse.ArgumentParser:
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suites", help="comma-separated suite ids: bigbench,xcopa,lm-eval,mmlu")
     p.add_argument("--tests", help="comma-separated test ids (see `parity tasks`)")
     p.add_argument("--limit", type=int, help="score at most N documents per test")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default fp32 on cpu, bf16 on cuda)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--data-dir", help="real data in the layout of docs (default: the bundled samples)")
     p.add_argument("--config", help="yaml with checkpoint locations per size and backend (configs/)")
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="size name (checked against the files; default: inferred)")
     p.add_argument("--target-tp", type=int, help="tensor-parallel size of a megatron output")
     p.add_argument("--target-files", type=int, help="number of consolidated files of a meta output")
-    p.add_argument("--dtype", choices=DTYPES, help="dtype of the output (default: as stored)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the output (default: as stored)")
     p.add_argument("--tokenizer", help="tokenizer.model to ship with the output")
     p.add_argument("--overwrite", action="store_true")
 
@@ -92,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="a sentencepiece tokenizer.model (default: train a small one)")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="stored dtype (Llama-2's files are bf16)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype (Llama-2's files are bf16)")
     p.add_argument("--overwrite", action="store_true")
 
     p = _verb(sub, "tasks", "parity.tasks.cli:cli_tasks",

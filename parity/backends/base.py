@@ -198,10 +198,3 @@ def check_vocab(backend_name: str, checkpoint_vocab: int, tokenizer_vocab: int |
                         f"({backend_name}); build the requests with this checkpoint's tokenizer.model")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    try:
-        return table[name]
-    except KeyError:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(table)}") from None
-

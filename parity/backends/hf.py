@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from parity.backends.base import Backend, check_vocab, torch_dtype
+from parity.backends.base import Backend, check_vocab
 from parity.backends.dist import rank_from_env
+from parity.dtypes import torch_dtype
 from parity.errors import UserError
 from parity.io import read_json
 

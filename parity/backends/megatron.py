@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from parity.backends.base import Backend, check_vocab, torch_dtype
+from parity.backends.base import Backend, check_vocab
 from parity.backends.dist import init_distributed
+from parity.dtypes import torch_dtype
 from parity.errors import UserError
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from parity.arch import size_from_params
-from parity.backends.base import Backend, check_vocab, torch_dtype
+from parity.backends.base import Backend, check_vocab
 from parity.backends.dist import init_distributed
+from parity.dtypes import torch_dtype
 from parity.errors import UserError
 
 # Which dim of each Meta weight fairscale splits across model-parallel ranks (None: replicated).

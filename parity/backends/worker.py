@@ -22,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
+from parity.dtypes import DTYPES
 from parity.errors import UserError
 from parity.io import read_json, write_json
 
@@ -32,7 +33,6 @@ BACKENDS = {
     "megatron": "parity.backends.megatron:MegatronBackend",
 }
 DEVICES = ("cpu", "cuda")
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 def load_backend(name: str, checkpoint, **kwargs):

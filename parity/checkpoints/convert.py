@@ -14,7 +14,8 @@ from parity.checkpoints import detect_format
 from parity.checkpoints.hf import HfSource, write_hf
 from parity.checkpoints.megatron import MegatronSource, check_tp, write_megatron
 from parity.checkpoints.meta import MetaSource, write_meta
-from parity.checkpoints.spec import Source, to_dtype
+from parity.checkpoints.spec import Source
+from parity.dtypes import torch_dtype
 from parity.errors import UserError
 from parity.io import atomic_dir
 from parity.tokenizer import load_sp
@@ -41,7 +42,7 @@ def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, t
     if Path(load_dir).resolve() == Path(save_dir).resolve():
         raise UserError(f"{save_dir}: --save-dir must differ from --load-dir")
     source = open_source(src, load_dir, size)
-    torch_dtype = to_dtype(dtype)
+    out_dtype = torch_dtype(dtype)
     if tokenizer is not None:
         tok = Path(tokenizer)
         n = load_sp(tok).vocab_size()
@@ -65,12 +66,12 @@ def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, t
             n = target_files or source.spec.size.n_files
             if n < 1:
                 raise UserError(f"--target-files {n}: must be at least 1")
-            write_meta(source, tmp, n, torch_dtype)
+            write_meta(source, tmp, n, out_dtype)
             shutil.copyfile(source.tokenizer, tmp / "tokenizer.model")
         elif dst == "hf":
-            write_hf(source, tmp, torch_dtype)
+            write_hf(source, tmp, out_dtype)
         else:
-            write_megatron(source, tmp, tp, torch_dtype)
+            write_megatron(source, tmp, tp, out_dtype)
     return save_dir
 
 

@@ -30,7 +30,6 @@ HF_KEYS = {
     "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
-DTYPE_NAMES_TORCH = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -81,7 +80,7 @@ def config(spec: Spec, dtype: torch.dtype) -> dict:
         head_dim=s.head_dim, hidden_act="silu", max_position_embeddings=s.max_seq_len,
         rms_norm_eps=s.norm_eps, rope_theta=s.rope_theta, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=None, attention_bias=False, mlp_bias=False,
-        architectures=["LlamaForCausalLM"], dtype=DTYPE_NAMES_TORCH[dtype],
+        architectures=["LlamaForCausalLM"], dtype=str(dtype).removeprefix("torch."),
     )
     d = cfg.to_dict()
     d.pop("transformers_version", None)  # keep outputs identical across transformers releases

@@ -15,9 +15,6 @@ import torch
 from parity.arch import SIZES, Size, get_size
 from parity.errors import UserError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
 # Keys stored once for the whole model, then the per-layer keys ({i} = layer index).
 GLOBAL_KEYS = ["tok_embeddings.weight", "norm.weight", "output.weight"]
 LAYER_KEYS = [
@@ -33,14 +30,6 @@ LAYER_KEYS = [
 ]
 # Buffers some Meta files carry that are recomputed by every stack.
 IGNORED_KEYS = {"rope.freqs"}
-
-
-def to_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import torch
 
 from parity.arch import get_size
 from parity.checkpoints.meta import write_meta
-from parity.checkpoints.spec import Source, Spec, to_dtype
+from parity.checkpoints.spec import Source, Spec
+from parity.dtypes import torch_dtype
 from parity.errors import UserError
 from parity.io import atomic_dir, cache_dir, sha256_file
 from parity.tokenizer import default_tokenizer, load_sp
@@ -54,7 +55,7 @@ def make_checkpoint(size_name: str, out: str | Path, seed: int = 0, tokenizer: s
     spec = Spec(size, vocab)
     if vocab % size.n_files:
         raise UserError(f"{tok}: vocab {vocab} cannot be split across {size.n_files} files of {size_name}")
-    src = SyntheticSource(spec, seed, to_dtype(dtype), tok)
+    src = SyntheticSource(spec, seed, torch_dtype(dtype), tok)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         shutil.copyfile(tok, tmp / "tokenizer.model")
