@@ -9,7 +9,7 @@ and boolq. Both sides are timed on their natural path, tokenization included, mo
 in alternating order: lm-eval's `HFLM.loglikelihood` (what `lm_eval --model hf` calls) and parity's
 `build_requests` + `HFBackend.loglikelihood`. Prints the wall-time ratio, tokens/s of both and the
 max per-request |log-likelihood difference| (over the requests whose token ids are identical on both
-sides; HF's tokenizer splits some strings differently from sentencepiece, DESIGN.md).
+sides; HF's tokenizer splits some strings differently from sentencepiece: docs/architecture.md).
 Not a test: the numbers depend on the machine.
 """
 

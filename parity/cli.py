@@ -10,10 +10,12 @@ import importlib
 import os
 import sys
 
+from parity.backends import BACKENDS, default_backends
+from parity.checkpoints import MARKERS
 from parity.dtypes import DTYPES
 from parity.errors import CheckFailed, UserError
 
-FORMATS = ["meta", "hf", "megatron"]
+FORMATS = list(MARKERS)  # checkpoint formats, by the file that marks each
 
 
 def _verb(sub, name: str, target: str, help: str) -> argparse.ArgumentParser:
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "run", "parity.run:cli_run",
               "score every backend on every test for the given sizes and print the report")
     p.add_argument("--sizes", help="comma-separated sizes (default: the three mini sizes)")
-    p.add_argument("--backends", help="comma-separated backends (default: meta,hf,megatron)")
+    p.add_argument("--backends", help=f"comma-separated backends of {','.join(BACKENDS)} "
+                                      f"(default: {','.join(default_backends())})")
     p.add_argument("--reference", default="meta", help="backend the others are compared with")
     p.add_argument("--suites", help="comma-separated suite ids: bigbench,xcopa,lm-eval,mmlu")
     p.add_argument("--tests", help="comma-separated test ids (see `parity tasks`)")

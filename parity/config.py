@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parity import arch
+from parity.backends import backend_info
 from parity.errors import UserError
 from parity.io import cache_dir, fingerprint_dir, read_yaml_mapping
-
-BACKEND_FORMAT = {"meta": "meta", "hf": "hf", "megatron": "megatron"}
-
 
 def code_digest(*patterns: str) -> str:
     """Hash of some of parity's own source files: cached outputs of changed code are never reused."""
@@ -62,8 +60,7 @@ def parse_checkpoint_flags(flags: list[str]) -> dict[tuple[str, str], Path]:
         except ValueError:
             raise UserError(f"--checkpoint {f!r}: expected SIZE:BACKEND=DIR, e.g. 7b:megatron=/ckpt/7b-tp1") from None
         arch.get_size(size)
-        if backend not in BACKEND_FORMAT:
-            raise UserError(f"--checkpoint {f!r}: unknown backend {backend!r}; known: {', '.join(BACKEND_FORMAT)}")
+        backend_info(backend, where=f"--checkpoint {f!r}")
         out[(size, backend)] = Path(path).expanduser()
     return out
 
@@ -104,45 +101,47 @@ def resolve_checkpoints(sizes: list[str], backends: list[str], flags: dict, cfg:
             meta = (synthetic_meta(size), "synthetic")
         meta_dir, meta_origin = meta
         for backend in backends:
+            fmt = backend_info(backend).format
             found = _configured(name, backend, flags, cfg, config_path)
-            if found is None and backend == "meta":
+            if found is None and fmt == "meta":
                 found = (meta_dir, meta_origin)
             if found is not None:
                 path, origin = found
                 if not path.is_dir():
                     raise UserError(f"{path}: checkpoint directory for {name}/{backend} not found")
-                fmt = detect_format(path)
-                if fmt != BACKEND_FORMAT[backend]:
-                    raise UserError(f"{path}: holds a {fmt} checkpoint but backend {backend} needs "
-                                    f"{BACKEND_FORMAT[backend]}; convert it with `parity convert`")
+                if (have := detect_format(path)) != fmt:
+                    raise UserError(f"{path}: holds a {have} checkpoint but backend {backend} needs "
+                                    f"{fmt}; convert it with `parity convert`")
             else:
-                path, origin = _converted(meta_dir, backend, size), "converted"
-            out[name][backend] = Checkpoint(path, BACKEND_FORMAT[backend], _parallel(path, backend, size), origin)
+                path, origin = _converted(meta_dir, fmt, size), "converted"
+            out[name][backend] = Checkpoint(path, fmt, _parallel(path, fmt), origin)
     return out
 
 
-def _parallel(path: Path, backend: str, size: arch.Size) -> int:
-    if backend == "megatron":
+def _parallel(path: Path, fmt: str) -> int:
+    """The ranks a checkpoint of this format runs with: Megatron's TP shards, Meta's files, else 1."""
+    if fmt == "megatron":
         from parity.checkpoints import megatron
 
         return megatron.tp_size(path)
-    if backend == "meta":
+    if fmt == "meta":
         from parity.checkpoints import meta
 
         return meta.n_files(path)
     return 1
 
 
-def _converted(meta_dir: Path, backend: str, size: arch.Size) -> Path:
+def _converted(meta_dir: Path, fmt: str, size: arch.Size) -> Path:
+    """meta_dir converted to `fmt` in the cache, keyed by format (backends reading one format share
+    one copy), the Meta files' fingerprint and the converter's source."""
     from parity.checkpoints.convert import convert
 
     if not meta_dir.is_dir():
         raise UserError(f"{meta_dir}: Meta checkpoint directory not found")
     key = f"{fingerprint_dir(meta_dir)}-{code_digest('checkpoints/*.py')}"
-    tp = f"-tp{size.tp}" if backend == "megatron" else ""
-    out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{backend}{tp}"
+    tp = f"-tp{size.tp}" if fmt == "megatron" else ""
+    out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{fmt}{tp}"
     if not out.is_dir():
-        print(f"parity: converting {meta_dir} -> {backend}{tp} in {out}", file=sys.stderr, flush=True)
-        convert("meta", BACKEND_FORMAT[backend], meta_dir, out,
-                target_tp=size.tp if backend == "megatron" else None)
+        print(f"parity: converting {meta_dir} -> {fmt}{tp} in {out}", file=sys.stderr, flush=True)
+        convert("meta", fmt, meta_dir, out, target_tp=size.tp if fmt == "megatron" else None)
     return out

@@ -24,12 +24,14 @@ from functools import cached_property
 from pathlib import Path
 
 from parity import RESULTS_FORMAT, __version__, arch
+from parity.backends import backend_info, default_backends
 from parity.config import load_config, parse_checkpoint_flags, resolve_checkpoints
 from parity.errors import UserError
 from parity.io import read_json, write_json, write_jsonl
+from parity.jobs import Job, JobUnit
 from parity.requests import Request, read_scores, write_requests
+from parity.results import RunLayout, UnitRecord, UnitStatus, check_format, error_path, unit_key
 
-DEFAULT_BACKENDS = ["meta", "hf", "megatron"]
 VERSIONED = ["torch", "transformers", "megatron-core", "llama-models", "lm-eval", "fairscale"]
 
 
@@ -42,7 +44,7 @@ class RunLock:
     """One writer per results directory (fcntl lock: released by the kernel if the holder dies)."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
+        self.path = RunLayout(run_dir).lock
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,13 +99,16 @@ class Unit:
     backend: str
     test: str
     inputs: str
-    status: str = "pending"
+    status: UnitStatus = UnitStatus.PENDING
     error: str | None = None
     seconds: float | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.size}/{self.backend}/{self.test}"
+        return unit_key(self.size, self.backend, self.test)
+
+    def record(self) -> UnitRecord:
+        return UnitRecord(self.status, self.error, self.seconds, self.inputs)
 
 
 @dataclass
@@ -117,9 +122,17 @@ class Plan:
     device: str
     batch_size: str
     launcher: str
-    checkpoints: dict
+    checkpoints: dict  # size -> backend -> parity.config.Checkpoint
     data_dir: str | None = None
+    limit: int | None = None  # documents per test
+    skip_bad_docs: bool = False
+    online: bool = False  # lm-eval's hub datasets instead of data_dir
+    parallel: int = 1  # worker groups side by side
     tokenizer_vocab: dict = field(default_factory=dict)  # size -> vocab of the tokenizer requests use
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
 
 def _default_device() -> str:
@@ -135,10 +148,9 @@ def make_plan(args) -> Plan:
     run_cfg = cfg.get("run") or {}
     sizes = _csv(args.sizes) or run_cfg.get("sizes") or list(arch.MINI_SIZES)
     sizes = [arch.get_size(s).name for s in (sizes if isinstance(sizes, list) else _csv(sizes))]
-    backends = _csv(args.backends) or run_cfg.get("backends") or list(DEFAULT_BACKENDS)
+    backends = _csv(args.backends) or run_cfg.get("backends") or default_backends()
     for b in backends:
-        if b not in DEFAULT_BACKENDS:
-            raise UserError(f"unknown backend {b!r}; known backends: {', '.join(DEFAULT_BACKENDS)}")
+        backend_info(b, where="--backends")
     reference = args.reference
     if reference not in backends:
         raise UserError(f"reference backend {reference!r} is not among --backends {','.join(backends)}")
@@ -150,11 +162,14 @@ def make_plan(args) -> Plan:
         f"results/{'-'.join(sizes)}-{dtype}-{device}"
     run_dir = Path(args.out or run_cfg.get("out") or default_out)
     checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
+    if args.parallel < 1:
+        raise UserError(f"--parallel {args.parallel}: must be at least 1")
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
-                args.launcher, checkpoints, data_dir)
+                args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,
+                online=args.online, parallel=args.parallel)
 
 
-def load_test_data(plan: Plan, args) -> dict[str, dict[str, TestData]]:
+def load_test_data(plan: Plan) -> dict[str, dict[str, TestData]]:
     """Per size: test -> documents and their token requests (tokenized once per distinct tokenizer)."""
     from parity.checkpoints import tokenizer_path
     from parity.io import sha256_file
@@ -163,8 +178,8 @@ def load_test_data(plan: Plan, args) -> dict[str, dict[str, TestData]]:
 
     docs_by_test = {}
     for test in plan.tests:
-        docs_by_test[test] = load_docs(test, plan.data_dir, limit=args.limit, skip_bad=args.skip_bad_docs,
-                                      online=getattr(args, "online", False))
+        docs_by_test[test] = load_docs(test, plan.data_dir, limit=plan.limit, skip_bad=plan.skip_bad_docs,
+                                      online=plan.online)
     per_size, by_tok = {}, {}
     for size in plan.sizes:
         ref_tok = tokenizer_path(plan.checkpoints[size][plan.reference].path)
@@ -195,12 +210,12 @@ def unit_inputs(backend: str, ckpt: dict, plan: Plan, td: TestData) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def scores_path(run_dir: Path, u: Unit) -> Path:
-    return run_dir / "scores" / u.size / u.backend / f"{u.test}.{u.inputs}.jsonl"
+def scores_path(plan: Plan, u: Unit) -> Path:
+    return plan.layout.scores(u.size, u.backend, u.test, u.inputs)
 
 
-def sample_path(run_dir: Path, u: Unit) -> Path:
-    return run_dir / u.size / u.backend / f"{u.test}.jsonl"
+def sample_path(plan: Plan, u: Unit) -> Path:
+    return plan.layout.samples(u.size, u.backend, u.test)
 
 
 def per_sample_rows(td: TestData, scores: dict) -> list[dict]:
@@ -219,24 +234,24 @@ def per_sample_rows(td: TestData, scores: dict) -> list[dict]:
 
 def finish_unit(plan: Plan, u: Unit, td: TestData) -> None:
     """Turn a worker's raw scores (or its error file) into the unit's per-sample file and status."""
-    raw = scores_path(plan.run_dir, u)
-    err = raw.with_name(raw.name + ".error.json")
+    raw = scores_path(plan, u)
+    err = error_path(raw)
     if raw.is_file():
         scores = read_scores(raw)
         missing = [r.hash for r in td.unique if r.hash not in scores]
         if missing:
-            u.status, u.error = "failed", f"scores file {raw} lacks {len(missing)} requests"
+            u.status, u.error = UnitStatus.FAILED, f"scores file {raw} lacks {len(missing)} requests"
             return
-        write_jsonl(sample_path(plan.run_dir, u), per_sample_rows(td, scores))
-        u.status, u.error = "done", None
+        write_jsonl(sample_path(plan, u), per_sample_rows(td, scores))
+        u.status, u.error = UnitStatus.DONE, None
     elif err.is_file():
         info = read_json(err)
-        u.status, u.error = "failed", info.get("error", "worker error")
+        u.status, u.error = UnitStatus.FAILED, info.get("error", "worker error")
         docs = [d.doc_id for d, reqs in zip(td.docs, td.requests) if any(r.hash == info.get("request") for r in reqs)]
         if docs:
             u.error += f" [test {u.test}, doc {', '.join(docs[:5])}]"
     else:
-        u.status = "failed"
+        u.status = UnitStatus.FAILED
         u.error = u.error or "worker produced no results"
 
 
@@ -247,22 +262,22 @@ def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], dat
     ckpt = plan.checkpoints[size][backend]
     job_units = []
     for u in units:
-        req_path = plan.run_dir / "requests" / size / f"{u.test}.{data[u.test].digest}.jsonl"
+        req_path = plan.layout.requests(size, u.test, data[u.test].digest)
         if not req_path.is_file():
             write_requests(req_path, data[u.test].unique)
-        job_units.append({"name": u.test, "requests": str(req_path), "output": str(scores_path(plan.run_dir, u))})
-    job = {"backend": backend, "checkpoint": str(ckpt.path), "tp": ckpt.tp, "device": plan.device,
-           "dtype": plan.dtype, "batch_size": plan.batch_size, "size": size,
-           "vocab_size": plan.tokenizer_vocab.get(size), "units": job_units}
-    job_path = plan.run_dir / "jobs" / f"{size}-{backend}.json"
-    write_json(job_path, job)
+        job_units.append(JobUnit(u.test, str(req_path), str(scores_path(plan, u))))
+    job = Job(backend=backend, adapter=backend_info(backend).adapter, checkpoint=str(ckpt.path), tp=ckpt.tp,
+              device=plan.device, dtype=plan.dtype, batch_size=plan.batch_size, size=size,
+              vocab_size=plan.tokenizer_vocab.get(size), units=job_units)
+    job_path = plan.layout.job(size, backend)
+    job.write(job_path)
     t0 = time.perf_counter()
     progress(f"{size}/{backend}: scoring {len(units)} tests ({sum(len(data[u.test].unique) for u in units)} "
              f"requests, {ckpt.tp} rank{'s' if ckpt.tp > 1 else ''})")
     proc = launch(job_path, ckpt.tp, launcher=plan.launcher, device=plan.device)
     seconds = time.perf_counter() - t0
     for u in units:
-        if proc.returncode != 0 and not scores_path(plan.run_dir, u).is_file():
+        if proc.returncode != 0 and not scores_path(plan, u).is_file():
             tail = (getattr(proc, "stderr", None) or "").strip().splitlines()[-1:] or [""]
             u.error = f"worker exited with code {proc.returncode}: {tail[0][:300]}"
         finish_unit(plan, u, data[u.test])
@@ -303,7 +318,7 @@ def write_manifest(plan: Plan, data_by_size: dict, units: list[Unit], ckpts: dic
                     "n_docs": len(td.docs), "n_bad": td.n_bad}
     units_out = dict((previous or {}).get("units") or {})
     for u in units:
-        units_out[u.key] = {"status": u.status, "error": u.error, "seconds": u.seconds, "inputs": u.inputs}
+        units_out[u.key] = u.record().to_json()
     manifest = {
         "format": RESULTS_FORMAT, "parity_version": __version__,
         "created": (previous or {}).get("created") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -315,26 +330,23 @@ def write_manifest(plan: Plan, data_by_size: dict, units: list[Unit], ckpts: dic
         "suites": dict(SUITES), "tests": tests, "mmlu_groups": dict(MMLU_GROUPS),
         "checkpoints": ckpts, "units": units_out, "timings": timings,
     }
-    write_json(plan.run_dir / "manifest.json", manifest)
+    write_json(plan.layout.manifest, manifest)
 
 
-def _check_previous(run_dir: Path) -> dict | None:
-    path = run_dir / "manifest.json"
-    if not path.is_file():
+def _check_previous(layout: RunLayout) -> dict | None:
+    if not layout.manifest.is_file():
         return None
-    prev = read_json(path, "manifest")
-    if prev.get("format") != RESULTS_FORMAT:
-        raise UserError(f"{path}: results from an incompatible parity version (format {prev.get('format')}, "
-                        f"this parity writes {RESULTS_FORMAT}); use a new --out directory")
+    prev = read_json(layout.manifest, "manifest")
+    check_format(prev, layout.manifest)
     return prev
 
 
 # ---------------------------------------------------------------------------------------------- main
-def execute(plan: Plan, args, progress=print) -> dict:
+def execute(plan: Plan, progress=print) -> dict:
     t_start = time.perf_counter()
-    previous = _check_previous(plan.run_dir)
+    previous = _check_previous(plan.layout)
     t0 = time.perf_counter()
-    data_by_size = load_test_data(plan, args)
+    data_by_size = load_test_data(plan)
     timings = {"tasks_s": round(time.perf_counter() - t0, 3)}
     ckpts = {s: {b: c.manifest() for b, c in plan.checkpoints[s].items()} for s in plan.sizes}
 
@@ -345,17 +357,16 @@ def execute(plan: Plan, args, progress=print) -> dict:
                 td = data_by_size[size][test]
                 u = Unit(size, backend, test, unit_inputs(backend, ckpts[size][backend], plan, td))
                 units.append(u)
-                prev = ((previous or {}).get("units") or {}).get(u.key) or {}
+                prev = UnitRecord.from_json(((previous or {}).get("units") or {}).get(u.key) or {})
                 if not td.docs:
-                    u.status, u.error = "no data", td.source
-                elif prev.get("inputs") == u.inputs and prev.get("status") == "done" \
-                        and sample_path(plan.run_dir, u).is_file():
-                    u.status, u.seconds = "done", prev.get("seconds")
-                elif scores_path(plan.run_dir, u).is_file():
+                    u.status, u.error = UnitStatus.NO_DATA, td.source
+                elif prev.inputs == u.inputs and prev.status is UnitStatus.DONE and sample_path(plan, u).is_file():
+                    u.status, u.seconds = UnitStatus.DONE, prev.seconds
+                elif scores_path(plan, u).is_file():
                     finish_unit(plan, u, td)  # scored before an interruption: only assemble
                 else:
                     groups.setdefault((size, backend), []).append(u)
-    n_cached = sum(u.status == "done" for u in units)
+    n_cached = sum(u.status is UnitStatus.DONE for u in units)
     progress(f"parity: {len(units)} units ({len(plan.sizes)} sizes x {len(plan.backends)} backends x "
              f"{len(plan.tests)} tests), {n_cached} reused, {sum(len(g) for g in groups.values())} to score, "
              f"results in {plan.run_dir}")
@@ -367,18 +378,18 @@ def execute(plan: Plan, args, progress=print) -> dict:
         size, backend = key
         secs = run_worker_group(plan, size, backend, groups[key], data_by_size[size], progress)
         timings[f"{size}/{backend}_s"] = round(secs, 3)
-        done = sum(u.status == "done" for u in groups[key])
+        done = sum(u.status is UnitStatus.DONE for u in groups[key])
         finished.append(key)
         progress(f"[{len(finished)}/{len(groups)}] {size}/{backend}: {done}/{len(groups[key])} tests done "
                  f"in {secs:.1f}s ({time.perf_counter() - t_start:.0f}s elapsed)")
         return key
 
-    with ThreadPoolExecutor(max_workers=max(1, getattr(args, "parallel", 1))) as pool:
+    with ThreadPoolExecutor(max_workers=plan.parallel) as pool:
         for _ in pool.map(work, list(groups)):
             write_manifest(plan, data_by_size, units, ckpts, timings, previous)
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
     write_manifest(plan, data_by_size, units, ckpts, timings, previous)
-    failed = [u for u in units if u.status == "failed"]
+    failed = [u for u in units if u.status is UnitStatus.FAILED]
     for u in failed:
         progress(f"FAILED {u.key}: {u.error}")
     return {"units": units, "failed": failed, "timings": timings}
@@ -387,7 +398,7 @@ def execute(plan: Plan, args, progress=print) -> dict:
 def cli_run(args) -> int:
     plan = make_plan(args)
     with RunLock(plan.run_dir):
-        outcome = execute(plan, args, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        outcome = execute(plan, progress=lambda m: print(m, file=sys.stderr, flush=True))
         if not args.no_report:
             from parity.report import build_report, render_markdown, write_report
 

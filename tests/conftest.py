@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,17 @@ def llama2_tokenizer() -> Path:
     if not LLAMA2_TOKENIZER.is_file():
         pytest.skip("../shared/data/tokenizers/llama2-tokenizer.model not present")
     return LLAMA2_TOKENIZER
+
+
+@pytest.fixture
+def meta_copy(tmp_path):
+    """meta_copy(size="7b-mini") -> a private copy of the cached synthetic Meta checkpoint, to damage."""
+    from parity.checkpoints.synthetic import cached_checkpoint
+
+    n = itertools.count()
+
+    def copy(size: str = "7b-mini") -> Path:
+        d = tmp_path / f"meta-{size}-{next(n)}"
+        shutil.copytree(cached_checkpoint(size), d)
+        return d
+    return copy

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from parity.arch import MINI_SIZES
-from test_backends_helpers import compare, converted, meta_checkpoint, real_requests
+from backend_helpers import compare, converted, meta_checkpoint, real_requests
 
 ATOL_BACKENDS = 1e-4
 ATOL_BATCHING = 1e-5
@@ -137,7 +137,7 @@ def test_hf_matches_lm_eval_hflm():
     from lm_eval.models.huggingface import HFLM
 
     from parity.requests import Request
-    from test_backends_helpers import string_pairs
+    from backend_helpers import string_pairs
 
     size = "7b-mini"
     hf_dir = converted(meta_checkpoint(size), "hf")
@@ -146,7 +146,7 @@ def test_hf_matches_lm_eval_hflm():
     instances = [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in enumerate(pairs)]
     theirs = lm.loglikelihood(instances, disable_tqdm=True)
     # the same ids lm-eval fed its model (HF's tokenizer splits a few strings differently from
-    # sentencepiece, see DESIGN.md; the comparison is about the model, so both get lm-eval's ids)
+    # sentencepiece: docs/architecture.md; the comparison is about the model, so both get lm-eval's ids)
     ours_reqs = []
     for c, x in pairs:
         ctx, cont = lm._encode_pair(c, x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from parity.backends.base import shared_context_groups
 from parity.requests import Request
-from test_backends_helpers import compare, converted, meta_checkpoint, real_requests
+from backend_helpers import compare, converted, meta_checkpoint, real_requests
 
 
 def test_grouping_rules():

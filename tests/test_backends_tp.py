@@ -12,7 +12,7 @@ import math
 import pytest
 
 from parity.backends.worker import launch
-from test_backends_helpers import (LLAMA2_TOKENIZER, compare, converted, meta_checkpoint, read_unit_scores,
+from backend_helpers import (LLAMA2_TOKENIZER, compare, converted, meta_checkpoint, read_unit_scores,
                                    real_requests, write_job)
 
 SIZE = "70b-mini"

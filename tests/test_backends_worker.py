@@ -14,7 +14,7 @@ from parity.backends import worker
 from parity.backends.base import Backend
 from parity.errors import UserError
 from parity.requests import Request, read_scores
-from test_backends_helpers import meta_checkpoint, write_job
+from backend_helpers import meta_checkpoint, write_job
 
 
 class TinyBackend(Backend):
@@ -23,10 +23,14 @@ class TinyBackend(Backend):
     name = "tiny"
 
     def __init__(self, vocab: int = 11, max_length: int = 16, poison: int | None = None):
+        # a test double: no checkpoint to load, so it skips Backend's constructor
         self.vocab_size, self.max_length, self.poison = vocab, max_length, poison
         g = torch.Generator().manual_seed(0)
         self.table = torch.randn(vocab, vocab, generator=g)
         self.calls: list[tuple[int, int]] = []
+
+    def load(self) -> None:
+        raise AssertionError("never called: __init__ does not use Backend's constructor")
 
     def forward(self, tokens):
         self.calls.append(tuple(tokens.shape))
@@ -66,7 +70,7 @@ def test_token_outside_vocab_is_user_error():
 
 
 def _fake_loader(monkeypatch, backend):
-    monkeypatch.setattr(worker, "load_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(worker, "_construct", lambda *a, **k: backend)
 
 
 def test_nonfinite_unit_fails_alone_and_existing_outputs_are_skipped(tmp_path, monkeypatch, capsys):
@@ -91,9 +95,14 @@ def test_cli_score_bad_job_exits_2(tmp_path, capsys):
     from parity.cli import main
 
     assert main(["score", str(tmp_path / "missing.json")]) == 2
-    (tmp_path / "j.json").write_text('{"backend": "meta", "checkpoint": "x", "units": [], "dtype": "fp8"}')
+    assert "missing.json: job file not found" in capsys.readouterr().err
+    (tmp_path / "j.json").write_text('{"backend": "meta", "adapter": "parity.backends.meta:MetaBackend", '
+                                     '"checkpoint": "x", "tp": 1, "units": [], "dtype": "fp8"}')
     assert main(["score", str(tmp_path / "j.json")]) == 2
     assert "dtype 'fp8'" in capsys.readouterr().err
+    (tmp_path / "j.json").write_text('{"backend": "meta", "checkpoint": "x", "tp": 1, "units": []}')
+    assert main(["score", str(tmp_path / "j.json")]) == 2
+    assert "job file lacks 'adapter'" in capsys.readouterr().err
 
 
 def test_launch_commands(monkeypatch, tmp_path):
@@ -138,13 +147,13 @@ def test_bad_checkpoint_inputs_are_user_errors(tmp_path):
 
 
 def _hf(meta_dir):
-    from test_backends_helpers import converted
+    from backend_helpers import converted
 
     return converted(meta_dir, "hf")
 
 
 def test_megatron_tp_not_dividing_heads_is_user_error():
-    from test_backends_helpers import converted
+    from backend_helpers import converted
 
     mg = converted(meta_checkpoint("70b-mini"), "megatron", 8)
     with pytest.raises(UserError, match="tensor-parallel shards"):

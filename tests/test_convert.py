@@ -12,6 +12,7 @@ from parity.arch import MINI_SIZES, get_size
 from parity.checkpoints.convert import convert, open_source
 from parity.checkpoints.synthetic import cached_checkpoint, make_checkpoint
 from parity.cli import main
+from cli_helpers import RunsCode
 
 TPS = [1, 2, 4, 8]
 
@@ -115,15 +116,6 @@ def expect_user_error(capsys, out: Path, *argv, match: str) -> str:
     return err
 
 
-@pytest.fixture
-def meta_copy(tmp_path):
-    def copy(name):
-        d = tmp_path / f"in-{name}"
-        shutil.copytree(cached_checkpoint(name), d)
-        return d
-    return copy
-
-
 def test_bad_missing_params_and_config(capsys, meta_copy, hf_dirs, tmp_path):
     src = meta_copy("7b-mini")
     (src / "params.json").unlink()
@@ -197,23 +189,13 @@ def test_bad_truncated_files(capsys, meta_copy, hf_dirs, tmp_path):
                       "--save-dir", str(out), match=str(shard))
 
 
-class _RunsCode:
-    """Unpickling this calls open(marker, 'w'): a file appears if the pickle's code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_bad_pickle_that_would_run_code(capsys, meta_copy, tmp_path):
     out = tmp_path / "out"
     marker = tmp_path / "pwned"
     src = meta_copy("7b-mini")
     f = src / "consolidated.00.pth"
     sd = torch.load(f, weights_only=True)
-    sd["rope.freqs"] = _RunsCode(marker)
+    sd["rope.freqs"] = RunsCode(marker)
     torch.save(sd, f)
     expect_user_error(capsys, out, "convert", "--from", "meta", "--to", "hf", "--load-dir", str(src),
                       "--save-dir", str(out), match="refused")

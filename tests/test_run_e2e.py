@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import counts, run_parity
 
 SMALL = ["run", "--sizes", "7b-mini", "--tests", "boolq,bigbench_undo_permutation,mmlu_anatomy"]
-
-
-def parity(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "parity", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def per_sample_digests(run_dir: Path) -> dict[str, str]:
@@ -34,16 +25,10 @@ def per_sample_digests(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def counts(stderr: str) -> tuple[int, int]:
-    m = re.search(r"(\d+) reused, (\d+) to score", stderr)
-    assert m, stderr[-2000:]
-    return int(m.group(1)), int(m.group(2))
-
-
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("baseline") / "run"
-    r = parity(*SMALL, "--out", str(out))
+    r = run_parity(*SMALL, "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -63,11 +48,11 @@ def test_small_run_layout_and_determinism(baseline, tmp_path):
     assert hashes["meta"] == hashes["hf"] == hashes["megatron"]
     # A second, independent run gives byte-identical per-sample files, and the report regenerates identically.
     again = tmp_path / "again"
-    r = parity(*SMALL, "--out", str(again))
+    r = run_parity(*SMALL, "--out", str(again))
     assert r.returncode == 0, r.stderr[-3000:]
     assert per_sample_digests(again) == per_sample_digests(baseline)
     before = (baseline / "report.md").read_bytes()
-    assert parity("report", str(baseline)).returncode == 0
+    assert run_parity("report", str(baseline)).returncode == 0
     assert (baseline / "report.md").read_bytes() == before
 
 
@@ -80,9 +65,9 @@ def test_small_run_layout_and_determinism(baseline, tmp_path):
 ])
 def test_killed_run_resumes_to_identical_results(baseline, tmp_path, fault, recomputed):
     out = tmp_path / "run"
-    r = parity(*SMALL, "--out", str(out), env={"PARITY_FAULT": fault})
+    r = run_parity(*SMALL, "--out", str(out), env={"PARITY_FAULT": fault})
     assert r.returncode != 0
-    r = parity(*SMALL, "--out", str(out))
+    r = run_parity(*SMALL, "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts(r.stderr)[1] == recomputed
     assert per_sample_digests(out) == per_sample_digests(baseline)
@@ -92,11 +77,11 @@ def test_killed_run_resumes_to_identical_results(baseline, tmp_path, fault, reco
 def test_killed_during_conversion_leaves_no_checkpoint(baseline, tmp_path):
     env = {"PARITY_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    r = parity(*SMALL, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
+    r = run_parity(*SMALL, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
     assert r.returncode != 0
     converted = list((tmp_path / "cache" / "converted").glob("*/megatron-tp1"))
     assert converted == []  # the killed conversion left only a temp dir, never a usable-looking one
-    r = parity(*SMALL, "--out", str(out), env=env)
+    r = run_parity(*SMALL, "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert per_sample_digests(out) == per_sample_digests(baseline)
 
@@ -104,8 +89,8 @@ def test_killed_during_conversion_leaves_no_checkpoint(baseline, tmp_path):
 def test_changed_inputs_are_not_reused(baseline, tmp_path):
     """Results are keyed by what produced them: another dtype recomputes instead of reusing."""
     out = tmp_path / "run"
-    assert parity(*SMALL, "--backends", "meta,hf", "--out", str(out)).returncode == 0
-    r = parity(*SMALL, "--backends", "meta,hf", "--out", str(out), "--dtype", "bf16")
+    assert run_parity(*SMALL, "--backends", "meta,hf", "--out", str(out)).returncode == 0
+    r = run_parity(*SMALL, "--backends", "meta,hf", "--out", str(out), "--dtype", "bf16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts(r.stderr) == (0, 6)
 
@@ -113,7 +98,7 @@ def test_changed_inputs_are_not_reused(baseline, tmp_path):
 @pytest.mark.slow
 def test_default_run_prints_the_four_tables(tmp_path):
     """`parity run` with no arguments: three mini sizes, synthetic checkpoints, bundled samples."""
-    r = parity("run", cwd=tmp_path, timeout=1800)
+    r = run_parity("run", cwd=tmp_path, timeout=1800)
     assert r.returncode == 0, r.stderr[-5000:]
     for title in ("### BigBench", "### Multilingual (XCOPA)", "### LM Evaluation Harness", "### MMLU"):
         assert r.stdout.count(title) == 2  # one table per non-reference backend
@@ -124,7 +109,7 @@ def test_default_run_prints_the_four_tables(tmp_path):
     assert len(manifest["units"]) == 3 * 3 * 80
     assert {u["status"] for u in manifest["units"].values()} == {"done"}
     # Fully cached repeat: nothing is scored again, the printed report is the same.
-    again = parity("run", cwd=tmp_path, timeout=600)
+    again = run_parity("run", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert counts(again.stderr) == (720, 0)
     assert again.stdout == r.stdout
@@ -150,13 +135,13 @@ def test_check_catches_a_broken_conversion(baseline, tmp_path):
     torch.save(ckpt, rank_file)
 
     baseline_report = str(baseline / "report.json")
-    r = parity("check", str(baseline), "--baseline", baseline_report)
+    r = run_parity("check", str(baseline), "--baseline", baseline_report)
     assert r.returncode == 0, r.stdout + r.stderr
 
     out = tmp_path / "run"
-    r = parity(*SMALL, "--out", str(out), "--checkpoint", f"7b-mini:megatron={broken}")
+    r = run_parity(*SMALL, "--out", str(out), "--checkpoint", f"7b-mini:megatron={broken}")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = parity("check", str(out), "--baseline", baseline_report)
+    r = run_parity("check", str(out), "--baseline", baseline_report)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL" in r.stdout
     regressions = [line for line in r.stdout.splitlines() if "vs baseline |" in line]

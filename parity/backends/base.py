@@ -17,6 +17,7 @@ lives here, once, so the three stacks are scored by identical code:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,7 +33,8 @@ PAD_ID = 0  # never attended to by a real token (right padding + causal attentio
 
 
 class Backend(ABC):
-    """One loaded model of one stack. Subclasses set the attributes below and implement forward()."""
+    """One loaded model of one stack. Subclasses implement load() and forward(); load() sets
+    vocab_size and max_length (and device / rank where the stack decides them)."""
 
     name: str = "base"
     vocab_size: int  # the tokenizer's (true) vocabulary: logits beyond it are never returned
@@ -42,6 +44,33 @@ class Backend(ABC):
     rank: int = 0  # writes results only when 0; all ranks compute
     supports_keep: bool = False  # forward(tokens, keep) returns logits only at the positions in keep
     supports_shared_context: bool = False  # implements forward_shared_context (a kv cache)
+
+    def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
+                 dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+        """The one constructor every adapter shares:
+        checkpoint       directory in the adapter's format
+        tp               model/tensor-parallel ranks to run with (None: what the checkpoint is split for)
+        device, dtype    where and in what (parity.dtypes) the model computes
+        tokenizer_vocab  vocabulary of the tokenizer the requests were built with: must equal the model's
+        max_length       longest input fed to the model (None: the checkpoint's context length)
+        """
+        self.checkpoint = Path(checkpoint)
+        self.tp, self.dtype, self.tokenizer_vocab = tp, dtype, tokenizer_vocab
+        self.device = torch.device(device)
+        self.requested_max_length = max_length
+        self.load()
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the stack from self.checkpoint; set vocab_size and max_length (check_vocab first)."""
+
+    def check_vocab(self, checkpoint_vocab: int) -> None:
+        """The requests' tokenizer must be the checkpoint's: ids beyond the vocab or a shifted vocab would
+        score garbage silently."""
+        if self.tokenizer_vocab is not None and int(self.tokenizer_vocab) != int(checkpoint_vocab):
+            raise UserError(f"{self.checkpoint}: checkpoint vocab {checkpoint_vocab} != tokenizer vocab "
+                            f"{self.tokenizer_vocab} ({self.name}); build the requests with this checkpoint's "
+                            f"tokenizer.model")
 
     @abstractmethod
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -188,13 +217,3 @@ def shared_context_groups(requests: list[Request], max_length: int) -> tuple[lis
         else:
             rest.extend(members)
     return groups, sorted(rest)
-
-
-def check_vocab(backend_name: str, checkpoint_vocab: int, tokenizer_vocab: int | None, where) -> None:
-    """The requests' tokenizer must be the checkpoint's: ids beyond the vocab or a shifted vocab would
-    score garbage silently."""
-    if tokenizer_vocab is not None and int(tokenizer_vocab) != int(checkpoint_vocab):
-        raise UserError(f"{where}: checkpoint vocab {checkpoint_vocab} != tokenizer vocab {tokenizer_vocab} "
-                        f"({backend_name}); build the requests with this checkpoint's tokenizer.model")
-
-

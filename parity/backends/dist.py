@@ -32,11 +32,6 @@ def init_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def world_size_from_env() -> int:
-    """How many processes were launched for this job (before any group exists)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from parity.backends.base import Backend, check_vocab
+from parity.backends.base import Backend
 from parity.backends.dist import rank_from_env
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
@@ -16,29 +14,26 @@ from parity.io import read_json
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
-                 dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+    def load(self) -> None:
         from safetensors import SafetensorError
         from transformers import LlamaForCausalLM
 
-        checkpoint = Path(checkpoint)
-        config_path = checkpoint / "config.json"
+        config_path = self.checkpoint / "config.json"
         if not config_path.is_file():
             raise UserError(f"{config_path}: not found; point the hf backend at a converted HF directory")
-        config = read_json(config_path, "HF config")
-        self.vocab_size = int(config["vocab_size"])
-        check_vocab(self.name, self.vocab_size, tokenizer_vocab, checkpoint)
-        self.max_length = max_length or int(config.get("max_position_embeddings", 4096))
+        self.vocab_size = int(read_json(config_path, "HF config")["vocab_size"])
+        self.check_vocab(self.vocab_size)
         # TP for HF means "spread over the GPUs there are": accelerate's device_map places the layers.
-        several_gpus = device == "cuda" and torch.cuda.device_count() > 1
+        several_gpus = self.device.type == "cuda" and torch.cuda.device_count() > 1
         kwargs = {"device_map": "auto"} if several_gpus else {}
         try:
-            self.model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype(dtype), **kwargs)
+            self.model = LlamaForCausalLM.from_pretrained(self.checkpoint, dtype=torch_dtype(self.dtype), **kwargs)
         except (OSError, ValueError, SafetensorError) as e:
-            raise UserError(f"{checkpoint}: cannot load HF checkpoint ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"{self.checkpoint}: cannot load HF checkpoint ({str(e).splitlines()[0][:200]})") from None
         if not several_gpus:
-            self.model.to(device)
+            self.model.to(self.device)
         self.model.eval()
+        self.max_length = self.requested_max_length or int(self.model.config.max_position_embeddings)
         self.device = self.model.get_input_embeddings().weight.device
         self.rank = rank_from_env()  # one process normally; under a launcher only rank 0 writes
 

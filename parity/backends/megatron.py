@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from parity.backends.base import Backend, check_vocab
+from parity.backends.base import Backend
 from parity.backends.dist import init_distributed
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
@@ -78,8 +78,9 @@ def transformer_config(args, tp: int, dtype: torch.dtype, device: str):
 class MegatronBackend(Backend):
     name = "megatron"
 
-    def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
-                 dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+    def load(self) -> None:
+        checkpoint, tp, dtype, max_length = self.checkpoint, self.tp, self.dtype, self.requested_max_length
+        device = self.device.type
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -98,7 +99,7 @@ class MegatronBackend(Backend):
         if heads % tp or groups % tp:
             raise UserError(f"{checkpoint}: TP {tp} does not divide {heads} heads / {groups} kv groups")
         self.vocab_size = int(args.vocab_size)  # the TRUE vocab; padded_vocab_size is what is stored
-        check_vocab(self.name, self.vocab_size, tokenizer_vocab, checkpoint)
+        self.check_vocab(self.vocab_size)
         self.max_length = max_length or int(getattr(args, "seq_length", None) or args.max_position_embeddings)
 
         self.rank, world = init_distributed(device)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from parity.arch import size_from_params
-from parity.backends.base import Backend, check_vocab
+from parity.backends.base import Backend
 from parity.backends.dist import init_distributed
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
@@ -82,8 +82,9 @@ def check_mp(params: dict, vocab: int, mp: int, where) -> None:
 class MetaBackend(Backend):
     name = "meta"
 
-    def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
-                 dtype: str = "fp32", tokenizer_vocab: int | None = None, max_length: int | None = None):
+    def load(self) -> None:
+        checkpoint, tp, dtype, max_length = self.checkpoint, self.tp, self.dtype, self.requested_max_length
+        device = self.device.type
         import fairscale.nn.model_parallel.initialize as fs_init
         from llama_models.llama3.args import ModelArgs
         from llama_models.llama3.model import Transformer
@@ -95,7 +96,7 @@ class MetaBackend(Backend):
         mp = tp or meta_ckpt.n_files(checkpoint)
         src = meta_ckpt.MetaSource(checkpoint)  # mmap'd files, checked against params.json
         vocab = src.spec.vocab
-        check_vocab(self.name, vocab, tokenizer_vocab, checkpoint)
+        self.check_vocab(vocab)
         check_mp(params, vocab, mp, checkpoint)
         self.rank, world = init_distributed(device)
         if world != mp:

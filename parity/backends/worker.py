@@ -1,14 +1,9 @@
-"""The worker: run one backend on a job file, and the launcher that starts it (torchrun for TP > 1).
-
-Job json (written by parity.run):
-  {"backend": "meta"|"hf"|"megatron", "checkpoint": DIR, "tp": N, "device": "cpu"|"cuda",
-   "dtype": "fp32"|"bf16"|"fp16", "batch_size": "auto"|N, "vocab_size": V (optional, the tokenizer's),
-   "max_length": N (optional), "units": [{"name": ..., "requests": PATH.jsonl, "output": PATH.jsonl}]}
+"""The worker: run one backend on a Job file (parity.jobs), and the launcher that starts it (torchrun for TP > 1).
 
 The model is loaded once per job; each unit's scores are written atomically by rank 0 (other ranks
 compute, as tensor parallelism needs every rank in every forward). A unit whose output exists is
 skipped, so an interrupted job resumes. Non-finite log-likelihoods fail that unit only: its
-`<output>.error.json` says which backend and request, and the next unit runs.
+error file (parity.results.error_path) says which backend and request, and the next unit runs.
 """
 
 from __future__ import annotations
@@ -22,48 +17,29 @@ import sys
 import threading
 from pathlib import Path
 
-from parity.dtypes import DTYPES
 from parity.errors import UserError
-from parity.io import read_json, write_json
+from parity.io import write_json
+from parity.jobs import Job
+from parity.results import error_path
 
-# backend name -> "module:class"; imported lazily so a worker loads only its own stack
-BACKENDS = {
-    "meta": "parity.backends.meta:MetaBackend",
-    "hf": "parity.backends.hf:HFBackend",
-    "megatron": "parity.backends.megatron:MegatronBackend",
-}
-DEVICES = ("cpu", "cuda")
+# torchrun's own default rendezvous port, for a multi-node endpoint the user did not name
+DEFAULT_RDZV_PORT = 29500
 
 
-def load_backend(name: str, checkpoint, **kwargs):
-    import importlib
+def load_backend(name: str, checkpoint, **options):
+    """Backend `name` of the registry on `checkpoint` (options: base.Backend's constructor keywords)."""
+    from parity.backends import backend_info
 
-    if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
+    return _construct(backend_info(name).adapter, checkpoint, options)
+
+
+def _construct(adapter: str, checkpoint, options: dict):
+    from parity.backends import adapter_class
+
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise UserError(f"{checkpoint}: checkpoint directory not found")
-    return getattr(importlib.import_module(module), cls)(checkpoint, **kwargs)
-
-
-def read_job(path) -> dict:
-    job = read_json(path, "job file")
-    for key in ("backend", "checkpoint", "units"):
-        if key not in job:
-            raise UserError(f"{path}: job file lacks {key!r}; regenerate it with `parity run`")
-    if job.get("device", "cpu") not in DEVICES:
-        raise UserError(f"{path}: device {job['device']!r} is not one of {', '.join(DEVICES)}")
-    if job.get("dtype", "fp32") not in DTYPES:
-        raise UserError(f"{path}: dtype {job['dtype']!r} is not one of {', '.join(DTYPES)}")
-    bs = str(job.get("batch_size", "auto"))
-    if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
-        raise UserError(f"{path}: batch_size {bs!r} must be 'auto' or a positive integer")
-    return job
-
-
-def error_path(output) -> Path:
-    return Path(f"{output}.error.json")
+    return adapter_class(adapter)(checkpoint, **options)
 
 
 def run_job(job_path) -> list[str]:
@@ -72,36 +48,33 @@ def run_job(job_path) -> list[str]:
 
     from parity.requests import read_requests, write_scores
 
-    job = read_job(job_path)
-    pending = [u for u in job["units"] if not Path(u["output"]).is_file()]
+    job = Job.read(job_path)
+    pending = [u for u in job.units if not Path(u.output).is_file()]
     if not pending:
         return []
-    backend = load_backend(job["backend"], job["checkpoint"], tp=job.get("tp"), device=job.get("device", "cpu"),
-                           dtype=job.get("dtype", "fp32"), tokenizer_vocab=job.get("vocab_size"),
-                           max_length=job.get("max_length"))
-    batch_size = str(job.get("batch_size", "auto"))
-    batch_size = batch_size if batch_size == "auto" else int(batch_size)
+    backend = _construct(job.adapter, job.checkpoint, dict(tp=job.tp, device=job.device, dtype=job.dtype,
+                                                           tokenizer_vocab=job.vocab_size))
     writer = backend.rank == 0
     failed: list[str] = []
-    units = [(u, read_requests(u["requests"])) for u in pending]
+    units = [(u, read_requests(u.requests)) for u in pending]
     # One bar for the whole job (all its tests): the model is loaded once and scores them in a row.
-    with tqdm(total=sum(len(r) for _, r in units), desc=f"{job.get('size', '')}/{job['backend']}".lstrip("/"),
+    with tqdm(total=sum(len(r) for _, r in units), desc=f"{job.size}/{job.backend}".lstrip("/"),
               unit="req", file=sys.stderr, disable=not writer, mininterval=1.0, dynamic_ncols=True) as bar:
         for unit, requests in units:
-            bar.set_postfix_str(unit["name"], refresh=False)
-            scores = backend.loglikelihood(requests, batch_size, progress=bar.update)
+            bar.set_postfix_str(unit.name, refresh=False)
+            scores = backend.loglikelihood(requests, job.batch, progress=bar.update)
             bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
             if not writer:
                 continue
-            error_path(unit["output"]).unlink(missing_ok=True)
+            error_path(unit.output).unlink(missing_ok=True)
             if bad is not None:
                 r = requests[bad]
-                line = (f"{job['backend']}: non-finite log-likelihood ({scores[bad].loglik}) for request {r.hash} "
-                        f"(unit {unit['name']}, request #{bad}); try --dtype fp32 or check the checkpoint")
-                write_json(error_path(unit["output"]), {"error": line, "request": r.hash})
+                line = (f"{job.backend}: non-finite log-likelihood ({scores[bad].loglik}) for request {r.hash} "
+                        f"(unit {unit.name}, request #{bad}); try --dtype fp32 or check the checkpoint")
+                write_json(error_path(unit.output), {"error": line, "request": r.hash})
                 failed.append(line)
                 continue
-            write_scores(unit["output"], requests, scores)
+            write_scores(unit.output, requests, scores)
     return failed
 
 
@@ -131,7 +104,7 @@ def launch_command(job_path, nproc: int, *, launcher: str = "local", device: str
               PARITY_NPROC_PER_NODE (default nproc / nnodes), run once on every node.
     slurm:    srun with one task per rank; torch.distributed reads the rank from SLURM via torchrun's
               env, so each task runs torchrun --nnodes $SLURM_NNODES with a c10d rendezvous on the
-              first node (PARITY_RDZV_ENDPOINT or $SLURM_LAUNCH_NODE_IPADDR:29500).
+              first node (PARITY_RDZV_ENDPOINT or $SLURM_LAUNCH_NODE_IPADDR at torchrun's default port).
     """
     job = str(job_path)
     module = ["-m", "parity", "score", job]
@@ -144,7 +117,7 @@ def launch_command(job_path, nproc: int, *, launcher: str = "local", device: str
     if launcher == "torchrun":
         nnodes = int(os.environ.get("PARITY_NNODES", "1"))
         per_node = int(os.environ.get("PARITY_NPROC_PER_NODE", str(max(1, nproc // nnodes))))
-        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", "localhost:29500")
+        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", f"localhost:{DEFAULT_RDZV_PORT}")
         return [*_torchrun(), "--nnodes", str(nnodes), "--nproc-per-node", str(per_node),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"parity-{Path(job).stem}",
                 *module]
@@ -153,7 +126,7 @@ def launch_command(job_path, nproc: int, *, launcher: str = "local", device: str
         # rendezvous host inside the allocation
         per_node = int(os.environ.get("PARITY_NPROC_PER_NODE", str(nproc)))
         nnodes = max(1, math.ceil(nproc / per_node))
-        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", "${SLURM_LAUNCH_NODE_IPADDR}:29500")
+        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", "${SLURM_LAUNCH_NODE_IPADDR}:" + str(DEFAULT_RDZV_PORT))
         inner = " ".join([shlex.join([*_torchrun(check=False), "--nnodes", str(nnodes), "--nproc-per-node",
                                       str(min(nproc, per_node)), "--rdzv-backend", "c10d"]),
                           "--rdzv-endpoint", endpoint,

@@ -11,28 +11,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from parity import RESULTS_FORMAT, __version__
+from parity import __version__
 from parity.errors import UserError
 from parity.io import read_json
 from parity.report import metrics
+from parity.results import REQUIRED_SAMPLE_FIELDS, RunLayout, UnitRecord, UnitStatus, check_format, unit_key
 
 REPORT_FORMAT = 1  # layout of report.json; `parity check --baseline` refuses other values
 
-REQUIRED_FIELDS = ("doc_id", "request_hashes", "loglik", "pred", "gold")
 MANIFEST_KEYS = ("reference", "sizes", "backends", "tests", "suites")
 
 
 def load_manifest(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: results directory not found; pass the directory `parity run` wrote")
-    path = run_dir / "manifest.json"
+    path = RunLayout(run_dir).manifest
     if not path.is_file():
         raise UserError(f"{path}: not found; {run_dir} is not a parity results directory")
     m = read_json(path, "manifest")
-    if not isinstance(m, dict) or m.get("format") != RESULTS_FORMAT:
-        fmt = m.get("format") if isinstance(m, dict) else None
-        raise UserError(f"{path}: results from an incompatible version of parity (format {fmt}, this parity "
-                        f"reads {RESULTS_FORMAT}); rerun `parity run` or use the parity version that wrote it")
+    check_format(m, path)
     missing = [k for k in MANIFEST_KEYS if k not in m]
     if missing:
         raise UserError(f"{path}: manifest lacks {', '.join(missing)}; the run directory is damaged, rerun it")
@@ -50,7 +47,7 @@ def read_samples(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: line {n} is not valid JSON ({e.msg}); rerun the unit "
                                 f"(delete the file and run `parity run` again)") from None
-            lack = [k for k in REQUIRED_FIELDS if k not in row] if isinstance(row, dict) else ["everything"]
+            lack = [k for k in REQUIRED_SAMPLE_FIELDS if k not in row] if isinstance(row, dict) else ["everything"]
             if lack:
                 raise UserError(f"{path}: line {n} lacks {', '.join(lack)}; not a per-sample file of this parity")
             rows.append(row)
@@ -59,25 +56,29 @@ def read_samples(path: Path) -> list[dict]:
 
 def _unit(run_dir: Path, manifest: dict, size: str, backend: str, test: str) -> tuple[dict, list | None]:
     """Status, score and rows of one (size, backend, test); missing pieces say why."""
-    rel = f"{size}/{backend}/{test}.jsonl"
-    info = (manifest.get("units") or {}).get(f"{size}/{backend}/{test}") or {}
-    status = info.get("status")
-    path = run_dir / rel
-    out = {"status": status or "missing", "score": None, "n_docs": 0, "error": info.get("error"), "file": rel}
-    if status == "no data":
+    layout = RunLayout(run_dir)
+    rel = layout.samples_rel(size, backend, test)
+    stored = (manifest.get("units") or {}).get(unit_key(size, backend, test))
+    record = UnitRecord.from_json(stored) if stored else None
+    status = record.status if record else None
+    path = layout.samples(size, backend, test)
+    out = {"status": (status or UnitStatus.MISSING).value, "score": None, "n_docs": 0,
+           "error": record.error if record else None, "file": rel}
+    if status is UnitStatus.NO_DATA:
         detail = str(out["error"] or manifest["tests"][test].get("source") or "")
         out["error"] = detail[len("no data"):].lstrip(": ") if detail.startswith("no data") else detail
         return out, None
-    if status == "failed":
+    if status is UnitStatus.FAILED:
         return out, None
-    if status in (None, "done") and path.is_file():
+    if status in (None, UnitStatus.DONE) and path.is_file():
         rows = read_samples(path)
-        out.update(status="done", score=metrics.test_score(rows), n_docs=len(rows))
+        out.update(status=UnitStatus.DONE.value, score=metrics.test_score(rows), n_docs=len(rows))
         return out, rows
-    if status == "done":
-        out.update(status="missing", error=f"per-sample file {rel} not found")
-    elif status not in (None, "missing"):
-        out.update(status="not run", error=f"unit status {status!r} (run interrupted? run it again)")
+    if status is UnitStatus.DONE:
+        out.update(status=UnitStatus.MISSING.value, error=f"per-sample file {rel} not found")
+    elif status not in (None, UnitStatus.MISSING):
+        out.update(status=UnitStatus.NOT_RUN.value,
+                   error=f"unit status {stored.get('status')!r} (run interrupted? run it again)")
     else:
         out["error"] = "not in this run"
     return out, None
@@ -85,10 +86,10 @@ def _unit(run_dir: Path, manifest: dict, size: str, backend: str, test: str) -> 
 
 def _note(ref: dict, oth: dict, reference: str, other: str) -> str | None:
     """Why a comparison has no percent error (None when it has one)."""
-    if "no data" in (ref["status"], oth["status"]):
-        return "no data"
+    if UnitStatus.NO_DATA in (ref["status"], oth["status"]):
+        return UnitStatus.NO_DATA.value
     for u, who in ((ref, reference), (oth, other)):
-        if u["status"] != "done":
+        if u["status"] != UnitStatus.DONE:
             return f"{u['status']} ({who})"
         if u["score"] is None:
             return f"no documents ({who})"
@@ -105,7 +106,7 @@ def _missing(units: dict, sizes: list, backends: list, tests: list) -> list[dict
         for b in backends:
             for t in tests:
                 u = units[s][b][t]
-                if u["status"] != "done":
+                if u["status"] != UnitStatus.DONE:
                     groups.setdefault((s, b, u["status"], u["error"] or ""), []).append(t)
     out = []
     for (s, b, status, detail), ts in groups.items():
@@ -149,7 +150,7 @@ def build_report(run_dir, reference: str | None = None) -> dict:
                 note = _note(ref, oth, reference, o)
                 c = {"ref_score": ref["score"], "score": oth["score"], "pct_error": None, "note": note,
                      "files": [ref["file"], oth["file"]]}
-                if ref["status"] == "done" and oth["status"] == "done":
+                if ref["status"] == oth["status"] == UnitStatus.DONE:
                     cmp = metrics.compare(rows[(s, reference, t)], rows[(s, o, t)])
                     histograms[o] = metrics.add_histograms(histograms[o], cmp.pop("hist"))
                     c.update(cmp)

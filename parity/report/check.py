@@ -14,6 +14,7 @@ from pathlib import Path
 from parity.errors import CheckFailed, UserError
 from parity.io import read_json, read_yaml_mapping
 from parity.report.build import REPORT_FORMAT, build_report, fmt_pct
+from parity.results import UnitStatus
 
 # Used when neither --thresholds nor ./configs/thresholds.yaml exists (an installed parity has no
 # repo checkout around it). Keep in step with configs/thresholds.yaml. None = not checked.
@@ -82,7 +83,7 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
                          "value": value, "limit": limit})
 
     for m in report["missing"]:
-        if m["status"] != "no data":
+        if m["status"] != UnitStatus.NO_DATA:
             fail(f"unit {m['status']}", m["size"], m["backend"], m["what"], m["detail"] or "-", "a score")
     for s in report["sizes"]:
         for o in report["others"]:

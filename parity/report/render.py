@@ -7,8 +7,11 @@ import io
 from pathlib import Path
 
 from parity.report.build import fmt_pct
+from parity.results import UnitStatus
 
 TEMPLATES = Path(__file__).parent / "templates"
+# notes of comparisons whose unit has no score: listed under missing pieces already, per unit
+UNSCORED = tuple(s.value for s in (UnitStatus.NO_DATA, UnitStatus.FAILED, UnitStatus.MISSING, UnitStatus.NOT_RUN))
 
 
 def _cell(v) -> str:
@@ -70,7 +73,7 @@ def render_markdown(report: dict, details: bool = True) -> str:
     for s in report["sizes"]:
         for o in report["others"]:
             for t, note in report["mean_error"][s][o]["excluded"].items():
-                if note != "no data" and not note.startswith(("failed", "missing", "not run")):
+                if not note.startswith(UNSCORED):
                     by_test.setdefault((s, t, note), []).append(o)
     no_error = [{"size": s, "test": t, "note": note, "others": ", ".join(os_)}
                 for (s, t, note), os_ in by_test.items()]

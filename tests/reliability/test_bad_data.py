@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from rel_util import run_parity
+from cli_helpers import run_parity
 
 from parity.cli import main
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from rel_util import run_parity
+from cli_helpers import run_parity
 
 ARGS = ["run", "--sizes", "7b-mini", "--backends", "meta,hf", "--tests", "boolq,mmlu_anatomy,xcopa_et"]
 

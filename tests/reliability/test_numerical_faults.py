@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from rel_util import run_parity
+from cli_helpers import run_parity
 
 from parity.checkpoints.convert import convert
 from parity.tasks.docs import load_docs

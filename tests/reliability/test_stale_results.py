@@ -8,20 +8,13 @@ mtimes) changes, so exactly that backend's units are rescored and the others reu
 from __future__ import annotations
 
 import json
-import re
 
 import torch
-from rel_util import run_parity
+from cli_helpers import counts, run_parity
 
 from parity.checkpoints.convert import convert
 
 ARGS = ["run", "--sizes", "7b-mini", "--backends", "meta,hf", "--tests", "boolq,mmlu_anatomy", "--no-report"]
-
-
-def counts(stderr: str) -> tuple[int, int]:
-    m = re.search(r"(\d+) reused, (\d+) to score", stderr)
-    assert m, stderr[-2000:]
-    return int(m.group(1)), int(m.group(2))
 
 
 def test_changed_checkpoint_is_rescored_not_reused(mini_meta, tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rel_util import assert_one_line_error, run_parity
+from cli_helpers import RunsCode, assert_one_line_error, run_parity
 
 import parity.io
 from parity.checkpoints.convert import convert
@@ -31,16 +31,6 @@ from parity.io import load_torch
 from parity.requests import Request, write_requests
 
 MG_FILE = Path("release") / "mp_rank_00" / "model_optim_rng.pt"
-
-
-class RunsCode:
-    """Unpickling this calls open(marker, 'w'): the marker file appears if the payload ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 class SneakyDict(collections.OrderedDict):

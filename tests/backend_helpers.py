@@ -29,24 +29,12 @@ def meta_checkpoint(size: str, tokenizer: Path | None = None) -> Path:
 
 def converted(meta_dir: Path, fmt: str, tp: int | None = None) -> Path:
     """meta_dir converted to `fmt` (hf, megatron at `tp`), once per session cache."""
+    from parity.checkpoints.convert import convert
+
     out = meta_dir.parent / ("backends-hf" if fmt == "hf" else f"backends-{fmt}-tp{tp}")
     marker = {"hf": "config.json", "megatron": "latest_checkpointed_iteration.txt"}[fmt]
-    if (out / marker).is_file():
-        return out
-    try:
-        from parity.checkpoints.convert import convert
-    except ImportError:  # the converter module is not there yet: use the format writers directly
-        convert = None
-    if convert is not None:
+    if not (out / marker).is_file():
         convert("meta", fmt, meta_dir, out, target_tp=tp)
-        return out
-    from parity.checkpoints.hf import write_hf
-    from parity.checkpoints.megatron import write_megatron
-    from parity.checkpoints.meta import MetaSource
-    from parity.io import atomic_dir
-
-    with atomic_dir(out, overwrite=True) as tmp:
-        write_hf(MetaSource(meta_dir), tmp) if fmt == "hf" else write_megatron(MetaSource(meta_dir), tmp, tp)
     return out
 
 
@@ -111,7 +99,8 @@ def read_unit_scores(requests: list[Request], output: Path) -> list[Score]:
 def write_job(path: Path, backend: str, checkpoint: Path, tp: int, units: dict[str, list[Request]],
               dtype: str = "fp32", batch_size="auto", **extra) -> dict[str, Path]:
     """A job file with one unit per entry of `units`; returns unit name -> output path."""
-    from parity.io import write_json
+    from parity.backends import backend_info
+    from parity.jobs import Job, JobUnit
     from parity.requests import write_requests
 
     outs, job_units = {}, []
@@ -119,7 +108,7 @@ def write_job(path: Path, backend: str, checkpoint: Path, tp: int, units: dict[s
         req_path = path.parent / f"{path.stem}.{name}.requests.jsonl"
         write_requests(req_path, reqs)
         outs[name] = path.parent / f"{path.stem}.{name}.scores.jsonl"
-        job_units.append({"name": name, "requests": str(req_path), "output": str(outs[name])})
-    write_json(path, {"backend": backend, "checkpoint": str(checkpoint), "tp": tp, "device": "cpu",
-                      "dtype": dtype, "batch_size": batch_size, "units": job_units, **extra})
+        job_units.append(JobUnit(name, str(req_path), str(outs[name])))
+    Job(backend=backend, adapter=backend_info(backend).adapter, checkpoint=str(checkpoint), tp=tp,
+        dtype=dtype, batch_size=str(batch_size), units=job_units, **extra).write(path)
     return outs

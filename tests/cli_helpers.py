@@ -1,12 +1,14 @@
-"""Helpers of the reliability tests: `parity` as a user runs it (a subprocess, optionally under an
-address-space limit) and the one-line error check."""
+"""Test helpers for running `parity` as a user runs it (a subprocess, optionally under an address-space
+limit) and judging what it printed: the one-line error check, the reuse counts, a code-running pickle."""
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 AS_LIMIT = 4 << 30  # bytes of address space a command that reads a hostile file may use
 
@@ -31,3 +33,20 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str, code: i
     for n in needles:
         assert n in err, (n, err)
     return err
+
+
+def counts(stderr: str) -> tuple[int, int]:
+    """(units reused, units to score) from `parity run`'s first progress line."""
+    m = re.search(r"(\d+) reused, (\d+) to score", stderr)
+    assert m, stderr[-2000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+class RunsCode:
+    """Unpickling this calls open(marker, 'w'): the marker file appears if the payload ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))

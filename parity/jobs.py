@@ -1,0 +1,74 @@
+"""The contract between `parity run` and a worker (`parity score JOB`): one Job file per (size, backend).
+
+The run writes the Job; every rank of the worker reads it, loads the model once and scores each unit's
+requests into the unit's output (parity.results names the paths). A Job names the adapter class itself,
+so a worker needs no registry lookup (a backend registered by a plug-in reaches its worker too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from parity.dtypes import DTYPES
+from parity.errors import UserError
+from parity.io import read_json, write_json
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class JobUnit:
+    name: str  # the test id
+    requests: str  # jsonl of parity.requests.Request
+    output: str  # where rank 0 writes the scores (parity.results.error_path(output) on failure)
+
+
+@dataclass(frozen=True)
+class Job:
+    backend: str  # the registry name (for messages)
+    adapter: str  # "module:Class" of the backend's adapter
+    checkpoint: str
+    tp: int  # ranks the worker is launched with
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch_size: str = "auto"  # "auto" or a positive integer
+    size: str = ""
+    vocab_size: int | None = None  # the requests' tokenizer vocabulary (checked against the model's)
+    units: list[JobUnit] = field(default_factory=list)
+
+    def write(self, path: str | Path) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Job":
+        d = read_json(path, "job file")
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: a job file holds a JSON object; regenerate it with `parity run`")
+        for key in ("backend", "adapter", "checkpoint", "tp", "units"):
+            if key not in d:
+                raise UserError(f"{path}: job file lacks {key!r}; regenerate it with `parity run`")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"{path}: unknown job field {unknown[0]!r}; regenerate it with this parity's `parity run`")
+        try:
+            job = cls(**{**d, "units": [JobUnit(**u) for u in d["units"]]})
+        except TypeError as e:
+            raise UserError(f"{path}: malformed job unit ({e}); regenerate it with `parity run`") from None
+        job.validate(path)
+        return job
+
+    def validate(self, where) -> None:
+        if self.device not in DEVICES:
+            raise UserError(f"{where}: device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"{where}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        bs = str(self.batch_size)
+        if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
+            raise UserError(f"{where}: batch_size {bs!r} must be 'auto' or a positive integer")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise UserError(f"{where}: tp {self.tp!r} must be a positive integer")
+
+    @property
+    def batch(self) -> int | str:
+        return "auto" if str(self.batch_size) == "auto" else int(self.batch_size)
