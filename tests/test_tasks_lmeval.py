@@ -55,7 +55,7 @@ def lm_eval_args(tmp_path_factory):
         data = _jsonl_for(test_id, SAMPLES_DIR, tmp)
         name = f"parity_check_{test_id}"
         names[test_id] = name
-        cfg = {"include": str(task_yaml(TESTS[test_id].lm_task)), "task": name, "tag": [],
+        cfg = {"include": str(task_yaml(TESTS[test_id])), "task": name, "tag": [],
                "dataset_path": "json", "dataset_name": None,
                "dataset_kwargs": {"data_files": {s: str(data) for s in ("train", "validation", "test", "dev")},
                                   "cache_dir": str(tmp / "hf_cache")}}

@@ -2,7 +2,7 @@
 
 The result is one plain dict (what report.json holds): scores per size / backend / test, percent
 error of every non-reference backend against the reference, the explanations (flips, |delta
-loglik|, McNemar p), the seed's tables with MMLU folded into its four supercategories, the mean
+loglik|, McNemar p), the four suite tables with MMLU folded into its four supercategories, the mean
 errors, and a list of the pieces that are missing. It never loads a model or task data.
 """
 
@@ -176,12 +176,13 @@ def build_report(run_dir, reference: str | None = None) -> dict:
         "histograms": {"log10_edges": metrics.HIST_EDGES, **histograms},
         "missing": missing, "plots": {},
     }
-    report["tables"] = {o: seed_tables(report, o) for o in others}
+    report["tables"] = {o: suite_tables(report, o) for o in others}
     return report
 
 
-def seed_tables(report: dict, other: str) -> dict:
-    """The seed's tables for one backend pair: suite -> rows (test label, value and text per size).
+def suite_tables(report: dict, other: str) -> dict:
+    """The four suite tables (BigBench, XCOPA, lm-eval, MMLU) of one backend pair: suite -> rows (test
+    label, percent error and its text per size).
 
     MMLU subjects fold into their supercategory rows ("STEM [18]"): value = mean of the subjects'
     percent errors; when some subjects of a group have none (not run, ref 0), the text says how many

@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-# |delta loglik| histogram: an exact-zero bucket, then log10 bins of half a decade from 1e-10 to 1e3
+# |delta loglik| histogram: an exact-zero bucket, then log10 bins of HIST_BIN from 1e-10 to 1e3
 # (fp32 sums over a few tokens differ by ~1e-6; a broken conversion by whole nats). Values outside
 # the range go to the first / last bin so the counts always add up to the number of deltas.
-HIST_EDGES = [round(-10 + 0.5 * i, 1) for i in range(27)]  # log10 edges: -10.0 ... 3.0
+HIST_BIN = 0.5  # bin width in log10 units: half a decade
+_HIST_LOW, _HIST_HIGH = -10, 3  # log10 of the first and the last edge
+HIST_EDGES = [round(_HIST_LOW + HIST_BIN * i, 1)
+              for i in range(round((_HIST_HIGH - _HIST_LOW) / HIST_BIN) + 1)]  # -10.0, -9.5, ... 3.0
 
 
 def doc_score(row: dict) -> float:
@@ -78,6 +81,7 @@ def compare(ref_rows: list[dict], other_rows: list[dict]) -> dict:
     deltas compare like with like even if the files list documents in another order.
     """
     other_by_id = {str(r["doc_id"]): r for r in other_rows}
+    ref_ids = {str(r["doc_id"]) for r in ref_rows}
     other_ll = {h: ll for r in other_rows for h, ll in zip(r["request_hashes"], r["loglik"])}
     flips, b, c, n_docs = [], 0, 0, 0
     deltas = []
@@ -104,7 +108,7 @@ def compare(ref_rows: list[dict], other_rows: list[dict]) -> dict:
                 deltas.append(abs(ll - other_ll[h]))
             else:
                 unmatched_choices += 1
-    unmatched_docs += sum(1 for i in other_by_id if i not in {str(r["doc_id"]) for r in ref_rows})
+    unmatched_docs += sum(1 for i in other_by_id if i not in ref_ids)
     return {
         "n_docs": n_docs,
         "flips": len(flips),
@@ -129,7 +133,7 @@ def histogram(deltas: list[float]) -> dict:
             zeros += 1
             continue
         x = math.log10(d)
-        i = int((x - HIST_EDGES[0]) // 0.5)
+        i = int((x - HIST_EDGES[0]) // HIST_BIN)
         counts[min(max(i, 0), len(counts) - 1)] += 1
     return {"zeros": zeros, "counts": counts}
 

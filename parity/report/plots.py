@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from parity.io import atomic_file
-from parity.report.metrics import HIST_EDGES
+from parity.report.metrics import HIST_BIN, HIST_EDGES
 
 PNG_METADATA = {"Software": None}  # matplotlib otherwise stamps its version; PNG has no date by default
 
@@ -61,7 +61,7 @@ def delta_histogram(report: dict, other: str, path: Path) -> None:
     h = report["histograms"][other]
     edges = HIST_EDGES
     fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    ax.bar(edges[:-1], h["counts"], width=0.5, align="edge", color="tab:blue", edgecolor="black", linewidth=0.3)
+    ax.bar(edges[:-1], h["counts"], width=HIST_BIN, align="edge", color="tab:blue", edgecolor="black", linewidth=0.3)
     ax.set_xlabel("log10 |delta log-likelihood| per choice")
     ax.set_ylabel("choices")
     total = h["zeros"] + sum(h["counts"])

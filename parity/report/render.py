@@ -41,7 +41,8 @@ def _num(v) -> str:
 
 
 def mean_sentence(report: dict, other: str) -> str:
-    """The seed's headline: 'Across N tests per size, the mean error between meta and megatron is ...'."""
+    """The headline of one backend pair: 'Across N tests per size, the mean error between meta and
+    megatron is ...'."""
     ref, sizes = report["reference"], report["sizes"]
     per = [report["mean_error"][s][other] for s in sizes]
     n = len(report["tests"])

@@ -1,4 +1,5 @@
-"""BigBench json-task prompts, zero-shot, as BIG-bench's JsonTask formats them (DESIGN.md).
+"""BigBench json-task prompts, zero-shot, as BIG-bench's JsonTask formats them (docs/architecture.md,
+"Prompts and tokenization").
 
 prompt = task_prefix + example_input_prefix + input [+ choice_prefix + choice_prefix.join(choices in a
 permuted order)] + example_output_prefix; the permutation is RandomState(42).permutation(sorted(keys)),

@@ -4,6 +4,9 @@ A record is the document as the reference tool reads it (for lm-eval tasks: the 
 dataset lm-eval's yaml names), tagged with its 0-based position in the source file, which becomes
 the doc_id. A malformed line names file:line and stops (UserError), or with skip_bad is skipped and
 counted; positions of the other documents do not move.
+
+Every file reader has one signature, `Reader`: (file, test name, skip_bad) -> Raw, so that the table
+of data kinds (registry.KINDS) can name a reader per file without knowing its format.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ class Raw:
     records: list[dict] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)  # doc_id per record
     n_bad: int = 0
+    formats: dict[str, dict] | None = None  # BigBench: formatting keys per subtask ("" = the task itself)
+
+
+Reader = Callable[[Path, str, bool], Raw]  # (file, test name: task / language / subject, skip_bad)
 
 
 class _Collector:
@@ -118,9 +125,28 @@ def piqa_record(d: dict) -> dict:
     return {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"]}
 
 
-# ---- file readers -----------------------------------------------------------------------------
+# ---- file readers (each a Reader) ---------------------------------------------------------------
+
+def read_copa(path: Path, name: str, skip_bad: bool) -> Raw:
+    """COPA / XCOPA jsonl (SuperGLUE and cambridgeltl/xcopa releases share the fields)."""
+    return read_jsonl(path, copa_record, skip_bad)
+
+
+def read_boolq(path: Path, name: str, skip_bad: bool) -> Raw:
+    return read_jsonl(path, boolq_record, skip_bad)
+
+
+def read_winogrande(path: Path, name: str, skip_bad: bool) -> Raw:
+    return read_jsonl(path, winogrande_record, skip_bad)
+
+
+def read_hellaswag_jsonl(path: Path, name: str, skip_bad: bool) -> Raw:
+    """HellaSwag's original jsonl (what lm-eval reads)."""
+    return read_jsonl(path, hellaswag_record, skip_bad)
+
 
 def read_jsonl(path: Path, make: Callable[[dict], dict], skip_bad: bool) -> Raw:
+    """One JSON object per line, each validated and reshaped by make."""
     col = _Collector(skip_bad)
     pos = -1
     for n, text in _lines(path, col):
@@ -135,8 +161,10 @@ def read_jsonl(path: Path, make: Callable[[dict], dict], skip_bad: bool) -> Raw:
     return col.raw
 
 
-def read_piqa(path: Path, labels: Path, skip_bad: bool) -> Raw:
-    """PIQA's release: goal/sol1/sol2 in valid.jsonl, the label of line i on line i of valid-labels.lst."""
+def read_piqa(path: Path, name: str, skip_bad: bool) -> Raw:
+    """PIQA's release: goal/sol1/sol2 in <split>.jsonl, the label of line i on line i of the
+    <split>-labels.lst beside it (valid.jsonl + valid-labels.lst)."""
+    labels = path.with_name(f"{path.stem}-labels.lst")
     if not labels.is_file():
         raise UserError(f"{labels}: PIQA labels file not found (it belongs beside {path.name})")
     col = _Collector(skip_bad)
@@ -197,7 +225,7 @@ def read_mmlu_csv(path: Path, subject: str, skip_bad: bool) -> Raw:
     return col.raw
 
 
-def read_hellaswag_txt(path: Path, skip_bad: bool) -> Raw:
+def read_hellaswag_txt(path: Path, name: str, skip_bad: bool) -> Raw:
     """llama.cpp's hellaswag_val_full.txt: 6 lines per item: context, gold index, 4 endings.
 
     The context there is already "<activity label>: <ctx>" and ctx_b was not capitalised, so the
@@ -235,23 +263,24 @@ def _lines_all(path: Path, col: _Collector) -> Iterator[str | None]:
             yield None
 
 
-def read_bigbench(task_dir: Path, skip_bad: bool) -> tuple[Raw, dict[str, dict]]:
-    """A BigBench json task: its examples (doc_id = position) or, with subtasks, every subtask's
-    (doc_id = "<subtask>/<position>"). Returns the records and the formatting keys per subtask."""
+def read_bigbench(path: Path, name: str, skip_bad: bool) -> Raw:
+    """A BigBench json task (path: its task.json): its examples (doc_id = position) or, when the task's
+    directory has <sub>/task.json subtasks, every subtask's (doc_id = "<subtask>/<position>").
+    Raw.formats holds the formatting keys (prefixes, ...) per subtask."""
     col = _Collector(skip_bad)
-    subdirs = sorted(p.parent for p in task_dir.glob("*/task.json"))
-    tasks = [(p.name, p / "task.json") for p in subdirs] or [("", task_dir / "task.json")]
-    formats = {}
-    for sub, path in tasks:
-        task = _read_task_json(path)
-        formats[sub] = {k: v for k, v in task.items() if k != "examples"}
+    subdirs = sorted(p.parent for p in path.parent.glob("*/task.json"))
+    tasks = [(p.name, p / "task.json") for p in subdirs] or [("", path)]
+    col.raw.formats = {}
+    for sub, file in tasks:
+        task = _read_task_json(file)
+        col.raw.formats[sub] = {k: v for k, v in task.items() if k != "examples"}
         for pos, ex in enumerate(task["examples"]):
             doc_id = f"{sub}/{pos}" if sub else str(pos)
             try:
                 col.add(doc_id, bigbench_record(ex) | {"subtask": sub})
             except ValueError as e:
-                col.bad(f"{path}: example {pos}", str(e))
-    return col.raw, formats
+                col.bad(f"{file}: example {pos}", str(e))
+    return col.raw
 
 
 def _read_task_json(path: Path) -> dict:

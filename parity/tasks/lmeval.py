@@ -17,47 +17,35 @@ import logging
 from pathlib import Path
 
 from parity.errors import UserError
-
-# lm-eval task name -> its yaml inside lm_eval/tasks ({lang}/{subject} filled in)
-YAMLS = {
-    "boolq": "super_glue/boolq/default.yaml",
-    "copa": "super_glue/copa/default.yaml",  # English COPA (xcopa_en)
-    "hellaswag": "hellaswag/hellaswag.yaml",
-    "piqa": "piqa/piqa.yaml",
-    "winogrande": "winogrande/default.yaml",
-    "xcopa_": "xcopa/default_{rest}.yaml",
-    "mmlu_": "mmlu/default/mmlu_{rest}.yaml",
-}
+from parity.tasks.registry import KINDS, TestSpec
 
 
-def task_yaml(lm_task: str) -> Path:
+def task_yaml(spec: TestSpec) -> Path:
+    """The installed lm-eval's yaml of the test's task (its kind's lm_yaml in registry.KINDS)."""
     import lm_eval
 
-    root = Path(lm_eval.__file__).parent / "tasks"
-    if lm_task in YAMLS:
-        return root / YAMLS[lm_task]
-    for prefix, rel in YAMLS.items():
-        if prefix.endswith("_") and lm_task.startswith(prefix):
-            return root / rel.format(rest=lm_task[len(prefix):])
-    raise KeyError(lm_task)
+    rel = KINDS[spec.kind].lm_yaml
+    if rel is None:
+        raise KeyError(f"{spec.id} has no lm-eval task")
+    return Path(lm_eval.__file__).parent / "tasks" / rel.format(name=spec.name)
 
 
-def task_config(lm_task: str) -> dict:
+def task_config(spec: TestSpec) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    path = task_yaml(lm_task)
+    path = task_yaml(spec)
     if not path.is_file():
-        raise UserError(f"{path}: lm-eval has no task {lm_task!r} in this version (lm-eval==0.4.13 expected)")
+        raise UserError(f"{path}: lm-eval has no task {spec.lm_task!r} in this version (lm-eval==0.4.13 expected)")
     cfg = load_yaml(path)
     cfg.pop("tag", None)  # tags/groups are registry concepts; a standalone task needs none
     return cfg
 
 
-def build_task(lm_task: str, records: list[dict] | None, process_docs=None):
-    """A real lm-eval ConfigurableTask; records=None -> its hub dataset (online)."""
+def build_task(spec: TestSpec, records: list[dict] | None, process_docs=None):
+    """A real lm-eval ConfigurableTask of the test's task; records=None -> its hub dataset (online)."""
     from lm_eval.api.task import ConfigurableTask
 
-    cfg = task_config(lm_task)
+    cfg = task_config(spec)
     import datasets
 
     datasets.disable_progress_bars()  # map() bars would flood the run's output

@@ -1,4 +1,5 @@
-"""The 80 default tests: ids, suites, report labels, MMLU groups, and where each one's data lives.
+"""The 80 default tests: ids, suites, report labels, MMLU groups, and the kinds of task data (KINDS:
+where a test's file lives under the data root, which reader reads it, which lm-eval task prompts it).
 
 Test ids (file names, command line): bigbench_<task>, xcopa_<lang>, boolq, hellaswag, piqa, winogrande,
 mmlu_<subject>. Suite ids: bigbench, xcopa, lm-eval, mmlu. Extra ids that are not in the default 80 are
@@ -14,6 +15,60 @@ from functools import lru_cache
 from pathlib import Path
 
 from parity.errors import UserError
+from parity.tasks import formats
+
+SAMPLES_DIR = Path(__file__).parent / "samples"  # the bundled samples: a data root like any --data-dir
+
+
+def data_root(data_dir=None) -> Path:
+    """The directory data files are looked up in: --data-dir, or the bundled samples without one."""
+    return SAMPLES_DIR if data_dir is None else Path(data_dir)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    path: str  # relative to the data root; {name} is the test's name (task, language, subject)
+    read: formats.Reader  # (file, test name, skip_bad) -> validated records
+
+
+@dataclass(frozen=True)
+class DataKind:
+    files: tuple[DataFile, ...]  # alternatives, preferred first: the first one that exists is read
+    lm_task: str | None  # lm-eval task that builds the prompts ({name} filled in); None: BIG-bench's own
+    lm_yaml: str | None  # that task's yaml inside lm_eval/tasks ({name} filled in)
+
+
+def _one(path: str, read: formats.Reader) -> tuple[DataFile]:
+    return (DataFile(path, read),)
+
+
+# The kinds of task data, in the layout of the published datasets (`parity tasks` shows what was
+# found). A test's kind picks its row; docs.py and lmeval.py read files, pick readers and find yamls
+# only through it. A new family of tests (another language set, say) is a row here (with a reader in
+# formats.py if its format is new) plus a builder of its TestSpecs below.
+KINDS: dict[str, DataKind] = {
+    # BIG-bench json task; subtasks, when there are any, in bigbench/<task>/<sub>/task.json
+    "bigbench": DataKind(_one("bigbench/{name}/task.json", formats.read_bigbench), None, None),
+    # English COPA, SuperGLUE release (xcopa_en)
+    "copa": DataKind(_one("copa/val.jsonl", formats.read_copa), "copa", "super_glue/copa/default.yaml"),
+    # XCOPA test split
+    "xcopa": DataKind(_one("xcopa/{name}/test.{name}.jsonl", formats.read_copa), "xcopa_{name}",
+                      "xcopa/default_{name}.yaml"),
+    # BoolQ, SuperGLUE release
+    "boolq": DataKind(_one("boolq/val.jsonl", formats.read_boolq), "boolq", "super_glue/boolq/default.yaml"),
+    # HellaSwag's original jsonl (what lm-eval reads), else llama.cpp's text format (6 lines per item)
+    "hellaswag": DataKind((DataFile("hellaswag/hellaswag_val.jsonl", formats.read_hellaswag_jsonl),
+                           DataFile("hellaswag/hellaswag_val_full.txt", formats.read_hellaswag_txt)),
+                          "hellaswag", "hellaswag/hellaswag.yaml"),
+    # PIQA validation; its labels are read from piqa/valid-labels.lst beside it
+    "piqa": DataKind(_one("piqa/valid.jsonl", formats.read_piqa), "piqa", "piqa/piqa.yaml"),
+    # WinoGrande 1.1 dev
+    "winogrande": DataKind(_one("winogrande/dev.jsonl", formats.read_winogrande), "winogrande",
+                           "winogrande/default.yaml"),
+    # MMLU (Hendrycks' release), headerless CSV
+    "mmlu": DataKind(_one("mmlu/test/{name}_test.csv", formats.read_mmlu_csv), "mmlu_{name}",
+                     "mmlu/default/mmlu_{name}.yaml"),
+}
 
 # suite id -> title used in the report, in report order
 SUITES: dict[str, str] = {
@@ -43,10 +98,15 @@ class TestSpec:
     suite: str  # key of SUITES
     name: str  # row label in the report: date_understanding, en, boolq, anatomy
     group: str | None  # MMLU supercategory; None elsewhere
-    kind: str  # loader: bigbench, copa, xcopa, boolq, hellaswag, piqa, winogrande, mmlu
-    lm_task: str | None  # lm-eval task whose definition builds the prompts (None for BigBench)
+    kind: str  # key of KINDS: where the data lives, how it is read and prompted
 
     __test__ = False  # not a pytest class
+
+    @property
+    def lm_task(self) -> str | None:
+        """lm-eval task whose definition builds the prompts (None for BigBench)."""
+        task = KINDS[self.kind].lm_task
+        return None if task is None else task.format(name=self.name)
 
 
 @lru_cache(maxsize=1)
@@ -73,25 +133,22 @@ MMLU_GROUPS: dict[str, int] = _mmlu_groups()  # group -> number of subjects (18/
 
 
 def _bigbench(task: str) -> TestSpec:
-    return TestSpec(f"bigbench_{task}", "bigbench", task, None, "bigbench", None)
+    return TestSpec(f"bigbench_{task}", "bigbench", task, None, "bigbench")
 
 
 def _xcopa(lang: str) -> TestSpec:
     # English COPA is lm-eval's super_glue "copa" task; the rest are lm-eval's xcopa_<lang>
-    if lang == "en":
-        return TestSpec("xcopa_en", "xcopa", "en", None, "copa", "copa")
-    return TestSpec(f"xcopa_{lang}", "xcopa", lang, None, "xcopa", f"xcopa_{lang}")
+    return TestSpec(f"xcopa_{lang}", "xcopa", lang, None, "copa" if lang == "en" else "xcopa")
 
 
 def _mmlu(subject: str) -> TestSpec:
-    return TestSpec(f"mmlu_{subject}", "mmlu", subject, mmlu_subject_groups()[subject], "mmlu",
-                    f"mmlu_{subject}")
+    return TestSpec(f"mmlu_{subject}", "mmlu", subject, mmlu_subject_groups()[subject], "mmlu")
 
 
 def _build_tests() -> dict[str, TestSpec]:
     specs = [_bigbench(t) for t in BIGBENCH_TASKS]
     specs += [_xcopa(lang) for lang in XCOPA_LANGS]
-    specs += [TestSpec(t, "lm-eval", t, None, t, t) for t in LM_EVAL_TASKS]
+    specs += [TestSpec(t, "lm-eval", t, None, t) for t in LM_EVAL_TASKS]
     groups = mmlu_subject_groups()
     for g in MMLU_GROUP_ORDER:
         specs += [_mmlu(s) for s in sorted(s for s, sg in groups.items() if sg == g)]
@@ -102,12 +159,10 @@ TESTS: dict[str, TestSpec] = _build_tests()  # the 80 default tests, in report o
 
 
 def _extra_bigbench(data_dir) -> list[str]:
-    from parity.tasks.docs import data_root  # local import: docs imports this module
-
-    root = data_root(data_dir) / "bigbench"
-    if not root.is_dir():
-        return []
-    return sorted(f"bigbench_{p.parent.name}" for p in root.glob("*/task.json"))
+    """Every BigBench json task in the data dir: its row's file with any task name."""
+    (task_json,) = KINDS["bigbench"].files
+    found = data_root(data_dir).glob(task_json.path.format(name="*"))
+    return sorted(f"bigbench_{p.parent.name}" for p in found)  # {name} is the task's directory
 
 
 def known_ids(data_dir=None) -> list[str]:

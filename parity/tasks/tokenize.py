@@ -1,4 +1,5 @@
-"""(context, continuation) strings -> token-id Requests, once, with sentencepiece (DESIGN.md).
+"""(context, continuation) strings -> token-id Requests, once, with sentencepiece (docs/architecture.md,
+"Prompts and tokenization").
 
 lm-eval's split rule: trailing spaces of the context move to the front of the continuation; the
 continuation's ids are what encoding the whole string adds after the context's ids (encoding the
