@@ -123,7 +123,7 @@ def test_ref_zero_failed_no_data_and_missing_backend_are_shown(tmp_path):
     assert "| en | failed (megatron) |" in md
 
 
-def test_markdown_has_seed_tables_and_sentence(run):
+def test_markdown_has_suite_tables_and_sentence(run):
     rep = build_report(run)
     md = render_markdown(rep)
     for title in ("### BigBench", "### Multilingual (XCOPA)", "### LM Evaluation Harness", "### MMLU"):

@@ -2,7 +2,7 @@
 
 Public API (what `parity run` and `parity check` use):
     build_report(run_dir, reference=None) -> dict      everything report.json holds
-    render_markdown(report, details=True) -> str        the seed's tables + explanations
+    render_markdown(report, details=True) -> str        the four suite tables + explanations
     write_report(run_dir, report, formats=("md", "json"), plots=True) -> list[Path]
 
 report.json (= the dict), keys in manifest order:
@@ -13,7 +13,7 @@ report.json (= the dict), keys in manifest order:
                                       flips, flipped_docs, discordant [b, c], p_mcnemar, max_abs_delta,
                                       mean_abs_delta, n_deltas, unmatched_docs, unmatched_choices
     mean_error[size][other]           mean, n_tests, n_with_error, excluded {test: note}
-    tables[other][suite]              the seed's rows: test label, values {size: pct}, cells {size: text}
+    tables[other][suite]              suite_tables' rows: test label, values {size: pct}, cells {size: text}
     histograms                        log10_edges + per other: zeros, counts (|delta loglik| per choice)
     missing                           units without a score, grouped; plots {other: {heatmap, deltas}}
 """
