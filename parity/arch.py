@@ -9,11 +9,13 @@ milliseconds on a CPU. `1b-synthetic` is 7b's shape with 5 layers (~1.27 B param
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from parity.errors import UserError
 
 LLAMA2_VOCAB = 32000
+LLAMA2_NORM_EPS = 1e-5  # RMSNorm epsilon of every Llama-2 size
+LLAMA2_ROPE_THETA = 10000.0  # rotary base of every Llama-2 size
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,8 @@ class Size:
     n_files: int  # consolidated.NN.pth files Meta ships (= Meta's model-parallel size)
     tp: int  # default tensor-parallel size for Megatron
     max_seq_len: int = 4096
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = LLAMA2_NORM_EPS
+    rope_theta: float = LLAMA2_ROPE_THETA
     real: bool = True  # a released Llama-2 size (needs real weights + GPUs), vs. synthetic
 
     @property
@@ -53,9 +55,6 @@ class Size:
     def valid_tp(self, tp: int) -> bool:
         """TP must split query heads and kv groups evenly (Megatron and fairscale both need it)."""
         return tp >= 1 and self.n_heads % tp == 0 and self.n_kv_heads % tp == 0
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {"head_dim": self.head_dim, "ffn_dim": self.ffn_dim}
 
 
 def ffn_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:
@@ -94,7 +93,7 @@ def get_size(name: str) -> Size:
         raise UserError(f"unknown size {name!r}; known sizes: {', '.join(SIZES)}") from None
 
 
-def size_from_params(params: dict, vocab_size: int) -> Size:
+def size_from_params(params: dict) -> Size:
     """The Size a params.json describes (matched against the table, else an ad-hoc one)."""
     n_heads = params["n_heads"]
     shape = dict(dim=params["dim"], n_layers=params["n_layers"], n_heads=n_heads,
@@ -103,5 +102,5 @@ def size_from_params(params: dict, vocab_size: int) -> Size:
     for s in SIZES.values():
         if all(getattr(s, k) == v for k, v in shape.items()):
             return s
-    return Size("custom", **shape, n_files=1, tp=1, norm_eps=params.get("norm_eps", 1e-5),
-                rope_theta=params.get("rope_theta", 10000.0), real=False)
+    return Size("custom", **shape, n_files=1, tp=1, norm_eps=params.get("norm_eps", LLAMA2_NORM_EPS),
+                rope_theta=params.get("rope_theta", LLAMA2_ROPE_THETA), real=False)

@@ -97,9 +97,9 @@ def test_readers_for_backends(name, tmp_path):
 
 def test_qkv_and_fc1_layout_matches_the_documented_rule():
     """linear_qkv rows per kv group: [q heads of g, k_g, v_g]; fc1: this rank's gate then up rows."""
-    from parity.checkpoints.hf import permute
     from parity.checkpoints.megatron import rank_state
     from parity.checkpoints.meta import MetaSource
+    from parity.checkpoints.spec import permute
 
     src = MetaSource(cached_checkpoint("70b-mini"))
     s = src.spec.size

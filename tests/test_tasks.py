@@ -9,7 +9,8 @@ import pytest
 
 from parity.cli import main
 from parity.errors import UserError
-from parity.tasks.docs import SAMPLES_DIR, count_docs, load_docs
+from parity.tasks.docs import count_docs, load_docs
+from parity.tasks.registry import SAMPLES_DIR
 from parity.tasks.registry import MMLU_GROUPS, SUITES, TESTS, get_spec, resolve_tests
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from parity.tasks.docs import SAMPLES_DIR, load_docs
+from parity.tasks.docs import load_docs
+from parity.tasks.registry import SAMPLES_DIR
 from parity.tasks.lmeval import task_yaml
 from parity.tasks.registry import TESTS
 

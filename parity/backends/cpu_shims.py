@@ -1,7 +1,6 @@
 """The CPU path for megatron-core 0.16's CUDA assumptions. Applied only when the device is cpu.
 
-megatron-core runs inference on CPU once these are handled (DESIGN.md lists the first three; the
-fourth showed up when running):
+megatron-core runs inference on CPU once these are handled (docs/architecture.md, "CPU shims"):
 1. RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device() on the first forward.
 2. The default causal mask is built on "cuda" when no mask is given: parity.backends.megatron always
    passes an explicit mask (megatron.causal_mask), so nothing is patched for it here.
@@ -38,7 +37,6 @@ def _on_cpu(method):
     def wrapper(*args, **kwargs):
         with _current_device_is_cpu():
             return method(*args, **kwargs)
-    wrapper.__parity_cpu_shim__ = True
     return wrapper
 
 

@@ -12,14 +12,17 @@ gathered over the TP group and then cut to the true vocab: padded entries are ne
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 
+from parity.arch import LLAMA2_NORM_EPS, LLAMA2_ROPE_THETA
 from parity.backends.base import Backend
 from parity.backends.dist import init_distributed
+from parity.checkpoints import megatron as mg_ckpt
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
+
+MEGATRON_SEED = 1234  # Megatron-LM's --seed default, for saved args without one
 
 
 # megatron-core announces at import that it falls back from Transformer Engine / Apex: that is the
@@ -39,17 +42,16 @@ def transformer_config(args, tp: int, dtype: torch.dtype, device: str):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     heads = args.num_attention_heads
-    groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
     swiglu = getattr(args, "swiglu", True)
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=heads,
-        num_query_groups=groups,
+        num_query_groups=mg_ckpt.kv_groups(args),
         kv_channels=getattr(args, "kv_channels", None) or args.hidden_size // heads,
         normalization=getattr(args, "normalization", "RMSNorm"),
-        layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
+        layernorm_epsilon=getattr(args, "norm_epsilon", LLAMA2_NORM_EPS),
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=getattr(args, "add_bias_linear", False),
@@ -79,28 +81,23 @@ class MegatronBackend(Backend):
     name = "megatron"
 
     def load(self) -> None:
-        checkpoint, tp, dtype, max_length = self.checkpoint, self.tp, self.dtype, self.requested_max_length
-        device = self.device.type
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        from parity.checkpoints import megatron as mg_ckpt
-
-        checkpoint = Path(checkpoint)
+        checkpoint, device = self.checkpoint, self.device.type
         args = mg_ckpt.read_args(checkpoint)
         shards = mg_ckpt.tp_size(checkpoint)
-        tp = tp or shards
+        tp = self.tp = self.tp or shards
         if tp != shards:
             raise UserError(f"{checkpoint}: checkpoint has {shards} tensor-parallel shards but TP {tp} was "
                             f"requested; convert with --target-tp {tp} or run with TP {shards}")
-        heads = args.num_attention_heads
-        groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
+        heads, groups = args.num_attention_heads, mg_ckpt.kv_groups(args)
         if heads % tp or groups % tp:
             raise UserError(f"{checkpoint}: TP {tp} does not divide {heads} heads / {groups} kv groups")
         self.vocab_size = int(args.vocab_size)  # the TRUE vocab; padded_vocab_size is what is stored
         self.check_vocab(self.vocab_size)
-        self.max_length = max_length or int(getattr(args, "seq_length", None) or args.max_position_embeddings)
+        self.max_length = self.requested_max_length or int(getattr(args, "seq_length", None) or args.max_position_embeddings)
 
         self.rank, world = init_distributed(device)
         if world != tp:
@@ -113,9 +110,9 @@ class MegatronBackend(Backend):
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         if device == "cuda":
-            tensor_parallel.model_parallel_cuda_manual_seed(getattr(args, "seed", 1234))
+            tensor_parallel.model_parallel_cuda_manual_seed(getattr(args, "seed", MEGATRON_SEED))
 
-        config = transformer_config(args, tp, torch_dtype(dtype), device)
+        config = transformer_config(args, tp, torch_dtype(self.dtype), device)
         self.model = GPTModel(
             config=config,
             transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization),
@@ -126,18 +123,15 @@ class MegatronBackend(Backend):
             share_embeddings_and_output_weights=not getattr(args, "untie_embeddings_and_output_weights", True),
             position_embedding_type=getattr(args, "position_embedding_type", "rope"),
             rotary_percent=getattr(args, "rotary_percent", 1.0),
-            rotary_base=int(getattr(args, "rotary_base", 10000)),
+            rotary_base=int(getattr(args, "rotary_base", LLAMA2_ROPE_THETA)),
         )
+        # MEGATRON_KEYS' names; _extra_state entries (fp8 metadata of TE layers) do not exist in the local spec
         state = mg_ckpt.load_rank(checkpoint, self.rank)
-        # _extra_state entries (fp8 metadata of TE layers) do not exist in the local spec
-        state = {k: v for k, v in state.items() if "_extra_state" not in k}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if "_extra_state" not in k]
+        missing = [k for k in missing if not k.endswith(mg_ckpt.EXTRA_STATE)]
         if missing or unexpected:
             raise UserError(f"{checkpoint}: rank {self.rank} shard does not fit GPTModel (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}); re-convert the checkpoint")
-        self.device = torch.device(device)
-        self.tp = tp
         self.model.to(self.device).eval()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,30 +1,31 @@
 """Meta's reference stack: llama_models' Transformer under fairscale model parallel, from Meta files.
 
 For rope_theta 10000 and use_scaled_rope False, llama_models.llama3.model.Transformer computes what
-Llama-2's model.py computes (DESIGN.md). Two differences from Llama-2's loader are bridged here:
+Llama-2's model.py computes (docs/architecture.md, "Checkpoint layouts"). Two differences from Llama-2's
+loader are bridged here:
 - llama_models' VocabParallelEmbedding splits tok_embeddings on the vocab (dim 0); the Llama-2 files
-  split it on dim 1. We merge that key across the files and cut this rank's vocab slice; every other
-  key too is cut for the *run's* model-parallel size, which may differ from the file count (any MP
-  dividing the heads).
+  split it on dim 1. Each key is cut for the *run's* model-parallel size (MP_SPLIT_DIM), which may
+  differ from the file count (any MP dividing the heads): MetaSource.block reads this rank's block,
+  from the one file that holds it when the files are split the same way.
 - Llama-2's loader builds the model under a default dtype (torch.cuda.HalfTensor); we build under the
   job's dtype the same way, and put the default back afterwards.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from parity.arch import size_from_params
+from parity.arch import LLAMA2_ROPE_THETA, Size
 from parity.backends.base import Backend
 from parity.backends.dist import init_distributed
+from parity.checkpoints.spec import leaf
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
 
 # Which dim of each Meta weight fairscale splits across model-parallel ranks (None: replicated).
 # ColumnParallelLinear and VocabParallelEmbedding split dim 0, RowParallelLinear dim 1.
-SPLIT_DIM = {
+MP_SPLIT_DIM = {
     "tok_embeddings.weight": 0,  # vocab-parallel here (the Llama-2 files split dim 1)
     "attention.wq.weight": 0,
     "attention.wk.weight": 0,
@@ -38,39 +39,23 @@ SPLIT_DIM = {
     "norm.weight": None,
     "output.weight": 0,
 }
-IGNORED_KEYS = {"rope.freqs"}  # a buffer Llama-2's files carry; the model recomputes it
-
-
-def split_dim(key: str) -> int | None:
-    suffix = key.split(".", 2)[2] if key.startswith("layers.") else key
-    return SPLIT_DIM[suffix]
 
 
 def rank_state(src, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This rank's tensors for a model-parallel size of `world`, read key by key from the mmap'd files.
-
-    When the run's MP equals the file count and fairscale splits a key the way the files do, file
-    `rank` already holds the slice; otherwise the key is merged across files and cut (only one full
-    tensor is in memory at a time, never the whole model)."""
-    from parity.checkpoints.meta import split_dim as file_split_dim
-
-    n_files = len(src.shards)
+    """This rank's tensors for a model-parallel size of `world`, read key by key from the mmap'd files
+    (only this rank's block of each key is read, never the whole model)."""
     out = {}
     for key in src.spec.keys():
-        if key in IGNORED_KEYS:
-            continue
-        d = split_dim(key)
+        d = MP_SPLIT_DIM[leaf(key)]
         if d is None:
-            out[key] = src.shards[0][key]
-        elif world == n_files and file_split_dim(key) == d:
-            out[key] = src.shards[rank][key]
+            out[key] = src.get(key)
         else:
-            out[key] = src.get(key).chunk(world, dim=d)[rank].clone()
+            w = src.spec.shape(key)[d] // world
+            out[key] = src.block(key, d, rank * w, (rank + 1) * w)
     return out
 
 
-def check_mp(params: dict, vocab: int, mp: int, where) -> None:
-    size = size_from_params(params, vocab)
+def check_mp(size: Size, vocab: int, mp: int, where) -> None:
     checks = {"query heads": size.n_heads, "kv heads": size.n_kv_heads, "vocab": vocab,
               "ffn width": size.ffn_dim}
     bad = [f"{what} {n}" for what, n in checks.items() if n % mp]
@@ -83,35 +68,33 @@ class MetaBackend(Backend):
     name = "meta"
 
     def load(self) -> None:
-        checkpoint, tp, dtype, max_length = self.checkpoint, self.tp, self.dtype, self.requested_max_length
-        device = self.device.type
         import fairscale.nn.model_parallel.initialize as fs_init
         from llama_models.llama3.args import ModelArgs
         from llama_models.llama3.model import Transformer
 
         from parity.checkpoints import meta as meta_ckpt
 
-        checkpoint = Path(checkpoint)
+        checkpoint = self.checkpoint
         params = meta_ckpt.read_params(checkpoint)
-        mp = tp or meta_ckpt.n_files(checkpoint)
+        mp = self.tp or meta_ckpt.n_files(checkpoint)
         src = meta_ckpt.MetaSource(checkpoint)  # mmap'd files, checked against params.json
         vocab = src.spec.vocab
         self.check_vocab(vocab)
-        check_mp(params, vocab, mp, checkpoint)
-        self.rank, world = init_distributed(device)
+        check_mp(src.spec.size, vocab, mp, checkpoint)
+        self.rank, world = init_distributed(self.device.type)
         if world != mp:
             raise UserError(f"{checkpoint}: model-parallel size {mp} needs {mp} processes, got {world}; "
                             f"launch with `parity.backends.worker.launch(job, {mp})`")
         if not fs_init.model_parallel_is_initialized():
             fs_init.initialize_model_parallel(mp)
 
-        self.device = torch.device(device)
         self.vocab_size = vocab
-        self.max_length = max_length or size_from_params(params, vocab).max_seq_len
-        args = ModelArgs(**{**params, "vocab_size": vocab}, rope_theta=params.get("rope_theta", 10000.0),
+        self.max_length = self.requested_max_length or src.spec.size.max_seq_len
+        # llama_models' own rope_theta default is Llama-3's; Llama-2's params.json does not name it
+        args = ModelArgs(**{"rope_theta": LLAMA2_ROPE_THETA, **params, "vocab_size": vocab},
                          use_scaled_rope=False, max_seq_len=self.max_length, max_batch_size=1)
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch_dtype(dtype))  # as Llama-2's loader does before Transformer(...)
+        torch.set_default_dtype(torch_dtype(self.dtype))  # as Llama-2's loader does before Transformer(...)
         try:
             with torch.device(self.device):
                 self.model = Transformer(args)

@@ -1,7 +1,8 @@
 """Hugging Face layout: config.json (LlamaForCausalLM) + safetensors shards + index + tokenizer files.
 
 Key table below maps Meta's names to transformers' names. The only layout change: wq and wk rows are
-permuted from Meta's interleaved rotary pairs to the rotate-half convention transformers uses.
+permuted from Meta's interleaved rotary pairs to the rotate-half convention transformers uses
+(spec.permute).
 Shards: embeddings, then one shard per layer, then final norm + lm_head, so a writer holds one layer.
 """
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from parity.checkpoints.spec import Source, Spec, match_size
+from parity.checkpoints.spec import Source, Spec, match_size, permute, split_layer, unpermute
 from parity.errors import UserError
 from parity.io import read_json, write_json
 
@@ -35,24 +36,8 @@ SINGLE = "model.safetensors"
 
 
 def hf_key(meta_key: str) -> str:
-    if meta_key.startswith("layers."):
-        i = meta_key.split(".")[1]
-        return HF_KEYS[meta_key.replace(f"layers.{i}.", "layers.{i}.", 1)].format(i=i)
-    return HF_KEYS[meta_key]
-
-
-def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta (interleaved pairs) -> HF (rotate-half) row order of wq / wk."""
-    rows, dim = w.shape
-    hd = rows // n_heads
-    return w.view(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF -> Meta: the inverse of permute."""
-    rows, dim = w.shape
-    hd = rows // n_heads
-    return w.view(n_heads, 2, hd // 2, dim).transpose(1, 2).reshape(rows, dim)
+    template, i = split_layer(meta_key)
+    return HF_KEYS[template].format(i=i)
 
 
 def heads_of(key: str, spec: Spec) -> int | None:

@@ -5,11 +5,11 @@
     release/mp_rank_TT/model_optim_rng.pt  {"model": state_dict, "args": Namespace,
                                             "checkpoint_version": 3.0, "iteration": 0}
 
-Layout rules (MEGATRON_KEYS says how each tensor is split across TP ranks):
-- q/k rows are in rotate-half order, like HF (Megatron's rotary is rotate-half);
-- linear_qkv: for each kv group g, [q rows of g's heads, k_g, v_g]; a rank holds a block of groups;
-- linear_fc1: this rank's gate (w1) rows, then its up (w3) rows;
-- the vocabulary is padded with zero rows to a multiple of make_vocab_size_divisible_by * TP.
+MEGATRON_KEYS is the one table of the layout: each Megatron tensor, how it is split across TP ranks,
+how its rows are laid out, and the Meta tensors it is built from. The writer (rank_state), the shape
+check (expected_rank_shapes), the reader (MegatronSource.get) and the backend (load_rank) go through it.
+It is meant to carry torch_dist checkpoints, Transformer Engine names and pipeline stages as well
+(docs/architecture.md, "Checkpoint layouts").
 """
 
 from __future__ import annotations
@@ -17,41 +17,74 @@ from __future__ import annotations
 import argparse
 import gc
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from parity.checkpoints.hf import permute, unpermute
-from parity.checkpoints.spec import Source, Spec, match_size
+from parity.checkpoints.spec import Source, Spec, match_size, permute, split_layer, unpermute
 from parity.errors import UserError
 from parity.io import atomic_file, load_torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CKPT_NAME = "model_optim_rng.pt"
 MAKE_VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's default
+EXTRA_STATE = "._extra_state"  # per-module metadata entries (Transformer Engine's fp8 state), no weights
 
-# Megatron key -> how it is split across TP ranks ("rows" dim 0, "cols" dim 1, None replicated).
-# Fused keys (qkv, fc1) also have a special row layout, built by qkv_rank / fc1_rank below.
+
+class Layout(NamedTuple):
+    split: str | None  # across TP ranks: "rows" (dim 0), "cols" (dim 1), None (replicated)
+    kind: str  # how the rows are laid out, see MEGATRON_KEYS
+    meta: tuple[str, ...]  # the Meta key(s) it is built from, in the order their rows are stacked
+
+
+def row(split: str | None, kind: str, *meta: str) -> Layout:
+    return Layout(split, kind, meta)
+
+
+# Megatron key ({i} = layer) -> Layout, in GPTModel's state_dict order: what the first pipeline stage
+# holds (the embedding), each layer's tensors, what the last stage holds (final norm, output layer).
+# Row layouts (kind):
+#   plain  the Meta tensor as it is
+#   vocab  the Meta rows, then zero rows up to padded_vocab (Megatron pads the vocabulary)
+#   qkv    for each kv group g: [q rows of g's heads, k_g, v_g], q and k in rotate-half order (Megatron's
+#          rotary is rotate-half, like HF's); a TP rank holds a contiguous block of groups
+#   fc1    for each TP rank: its block of gate (w1) rows, then its block of up (w3) rows
 MEGATRON_KEYS = {
-    "embedding.word_embeddings.weight": "rows",                  # tok_embeddings, vocab padded
-    "decoder.layers.{i}.input_layernorm.weight": None,           # attention_norm
-    "decoder.layers.{i}.self_attention.linear_qkv.weight": "rows",  # wq, wk, wv grouped per kv group
-    "decoder.layers.{i}.self_attention.linear_proj.weight": "cols",  # wo
-    "decoder.layers.{i}.pre_mlp_layernorm.weight": None,         # ffn_norm
-    "decoder.layers.{i}.mlp.linear_fc1.weight": "rows",          # w1 (gate) block + w3 (up) block
-    "decoder.layers.{i}.mlp.linear_fc2.weight": "cols",          # w2
-    "decoder.final_layernorm.weight": None,                      # norm
-    "output_layer.weight": "rows",                               # output, vocab padded
+    "embedding.word_embeddings.weight":                     row("rows", "vocab", "tok_embeddings.weight"),
+    "decoder.layers.{i}.input_layernorm.weight":            row(None, "plain", "layers.{i}.attention_norm.weight"),
+    "decoder.layers.{i}.self_attention.linear_qkv.weight":  row("rows", "qkv", "layers.{i}.attention.wq.weight",
+                                                                "layers.{i}.attention.wk.weight",
+                                                                "layers.{i}.attention.wv.weight"),
+    "decoder.layers.{i}.self_attention.linear_proj.weight": row("cols", "plain", "layers.{i}.attention.wo.weight"),
+    "decoder.layers.{i}.pre_mlp_layernorm.weight":          row(None, "plain", "layers.{i}.ffn_norm.weight"),
+    "decoder.layers.{i}.mlp.linear_fc1.weight":             row("rows", "fc1", "layers.{i}.feed_forward.w1.weight",
+                                                                "layers.{i}.feed_forward.w3.weight"),
+    "decoder.layers.{i}.mlp.linear_fc2.weight":             row("cols", "plain", "layers.{i}.feed_forward.w2.weight"),
+    "decoder.final_layernorm.weight":                       row(None, "plain", "norm.weight"),
+    "output_layer.weight":                                  row("rows", "vocab", "output.weight"),
 }
-# Meta key -> Megatron key, for the tensors that map one to one.
-DIRECT = {
-    "norm.weight": "decoder.final_layernorm.weight",
-    "layers.{i}.attention_norm.weight": "decoder.layers.{i}.input_layernorm.weight",
-    "layers.{i}.ffn_norm.weight": "decoder.layers.{i}.pre_mlp_layernorm.weight",
-    "layers.{i}.attention.wo.weight": "decoder.layers.{i}.self_attention.linear_proj.weight",
-    "layers.{i}.feed_forward.w2.weight": "decoder.layers.{i}.mlp.linear_fc2.weight",
-    "tok_embeddings.weight": "embedding.word_embeddings.weight",
-    "output.weight": "output_layer.weight",
-}
+TP_DIM = {"rows": 0, "cols": 1}  # a Layout's split -> the dim cut across TP ranks
+# Meta key ({i} = layer) -> the Megatron key holding it.
+BY_META = {m: k for k, lay in MEGATRON_KEYS.items() for m in lay.meta}
+
+
+def locate(meta_key: str) -> tuple[str, Layout, int]:
+    """Where a Meta tensor lives: (Megatron key, its Layout, its place among the Layout's Meta keys)."""
+    template, i = split_layer(meta_key)
+    mkey = BY_META[template]
+    lay = MEGATRON_KEYS[mkey]
+    return mkey.format(i=i), lay, lay.meta.index(template)
+
+
+def megatron_keys(n_layers: int) -> list[tuple[str, Layout, int | None]]:
+    """(Megatron key, Layout, layer or None) of a whole model in state_dict order: the table's rows before
+    its layer rows, each layer's rows, the rows after (a pipeline stage would hold a slice of this)."""
+    rows = list(MEGATRON_KEYS.items())
+    layer = [n for n, (k, _) in enumerate(rows) if "{i}" in k]
+    first, last = layer[0], layer[-1] + 1
+    return ([(k, lay, None) for k, lay in rows[:first]]
+            + [(k.format(i=i), lay, i) for i in range(n_layers) for k, lay in rows[first:last]]
+            + [(k, lay, None) for k, lay in rows[last:]])
 
 
 def padded_vocab(vocab: int, tp: int, divisible_by: int = MAKE_VOCAB_DIVISIBLE_BY) -> int:
@@ -99,17 +132,23 @@ def check_tp(spec: Spec, tp: int, where: str) -> None:
                         f"{spec.size.n_kv_heads} kv groups of {spec.size.name}; pick a TP dividing both")
 
 
-def qkv_rank(src: Source, i: int, tp: int, r: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rank r's linear_qkv: its block of kv groups, each [q rows of the group's heads, k_g, v_g].
+def kv_groups(args: argparse.Namespace) -> int:
+    """Megatron-LM's GQA rule: num_query_groups counts only with group_query_attention; else a group per head."""
+    return args.num_query_groups if getattr(args, "group_query_attention", False) else args.num_attention_heads
+
+
+def qkv_rank(src: Source, keys: list[str], tp: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rank r's linear_qkv from (wq, wk, wv): its block of kv groups, each [q rows of the group's heads, k_g, v_g].
 
     A block of groups is a block of whole heads in wq, wk and wv, so only those rows are read and the
     rotate-half permutation is applied per head within the block."""
     s = src.spec.size
     gp, hd = s.n_kv_heads // tp, s.head_dim  # kv groups on this rank
     per = s.n_heads // s.n_kv_heads  # query heads per group
-    q = src.block(f"layers.{i}.attention.wq.weight", 0, r * gp * per * hd, (r + 1) * gp * per * hd)
-    k = src.block(f"layers.{i}.attention.wk.weight", 0, r * gp * hd, (r + 1) * gp * hd)
-    v = src.block(f"layers.{i}.attention.wv.weight", 0, r * gp * hd, (r + 1) * gp * hd)
+    wq, wk, wv = keys
+    q = src.block(wq, 0, r * gp * per * hd, (r + 1) * gp * per * hd)
+    k = src.block(wk, 0, r * gp * hd, (r + 1) * gp * hd)
+    v = src.block(wv, 0, r * gp * hd, (r + 1) * gp * hd)
     q = permute(q.to(dtype), gp * per).reshape(gp, per * hd, s.dim)
     k = permute(k.to(dtype), gp).reshape(gp, hd, s.dim)
     v = v.to(dtype).reshape(gp, hd, s.dim)
@@ -136,32 +175,29 @@ def vocab_block(src: Source, key: str, padded: int, tp: int, r: int, dtype: torc
     return out
 
 
+def rank_tensor(src: Source, lay: Layout, i: int | None, tp: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rank r's part of one Megatron tensor: only this rank's block of each Meta tensor is read."""
+    keys = [k.format(i=i) for k in lay.meta]
+    if lay.kind == "vocab":
+        return vocab_block(src, keys[0], padded_vocab(src.spec.vocab, tp), tp, r, dtype)
+    if lay.kind == "qkv":
+        return qkv_rank(src, keys, tp, r, dtype)
+    if lay.split is None:  # replicated
+        return src.get(keys[0]).to(dtype, copy=True)
+
+    def block(key):  # an owned, contiguous copy: torch.save would otherwise store a view's whole storage
+        d = TP_DIM[lay.split]
+        w = src.spec.shape(key)[d] // tp
+        return src.block(key, d, r * w, (r + 1) * w).to(dtype, copy=True, memory_format=torch.contiguous_format)
+
+    if lay.kind == "fc1":
+        return torch.cat([block(k) for k in keys])
+    return block(keys[0])
+
+
 def rank_state(src: Source, tp: int, r: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Rank r's state_dict, read key by key: only this rank's block of each tensor is ever read."""
-    spec = src.spec
-    vocab_p = padded_vocab(spec.vocab, tp)
-
-    def whole(key):  # replicated norms
-        return src.get(key).to(dtype, copy=True)
-
-    def split(key, how):
-        dim = 0 if how == "rows" else 1
-        w = spec.shape(key)[dim] // tp
-        return src.block(key, dim, r * w, (r + 1) * w).to(dtype, copy=True, memory_format=torch.contiguous_format)
-
-    state = {"embedding.word_embeddings.weight": vocab_block(src, "tok_embeddings.weight", vocab_p, tp, r, dtype)}
-    for i in range(spec.size.n_layers):
-        L = f"decoder.layers.{i}."
-        state[L + "input_layernorm.weight"] = whole(f"layers.{i}.attention_norm.weight")
-        state[L + "self_attention.linear_qkv.weight"] = qkv_rank(src, i, tp, r, dtype)
-        state[L + "self_attention.linear_proj.weight"] = split(f"layers.{i}.attention.wo.weight", "cols")
-        state[L + "pre_mlp_layernorm.weight"] = whole(f"layers.{i}.ffn_norm.weight")
-        state[L + "mlp.linear_fc1.weight"] = torch.cat(
-            [split(f"layers.{i}.feed_forward.w1.weight", "rows"), split(f"layers.{i}.feed_forward.w3.weight", "rows")])
-        state[L + "mlp.linear_fc2.weight"] = split(f"layers.{i}.feed_forward.w2.weight", "cols")
-    state["decoder.final_layernorm.weight"] = whole("norm.weight")
-    state["output_layer.weight"] = vocab_block(src, "output.weight", vocab_p, tp, r, dtype)
-    return state
+    return {k: rank_tensor(src, lay, i, tp, r, dtype) for k, lay, i in megatron_keys(src.spec.size.n_layers)}
 
 
 def write_megatron(src: Source, out: Path, tp: int, dtype: torch.dtype | None = None) -> None:
@@ -220,24 +256,25 @@ def tp_size(d: str | Path) -> int:
     return int(read_args(d).tensor_model_parallel_size)
 
 
+def without_extra_state(sd: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if not k.endswith(EXTRA_STATE)}
+
+
 def load_rank(d: str | Path, rank: int) -> dict[str, torch.Tensor]:
-    """The state_dict of mp_rank_{rank:02d} (mmap'd)."""
-    return _load(Path(d), rank, mmap=True)["model"]
+    """The state_dict of mp_rank_{rank:02d} (mmap'd), without its _extra_state entries."""
+    return without_extra_state(_load(Path(d), rank, mmap=True)["model"])
 
 
 def expected_rank_shapes(spec: Spec, tp: int) -> dict[str, tuple[int, ...]]:
-    s = spec.size
-    vp = padded_vocab(spec.vocab, tp)
-    qkv_rows = (s.n_heads + 2 * s.n_kv_heads) * s.head_dim // tp
-    shapes = {"embedding.word_embeddings.weight": (vp // tp, s.dim),
-              "decoder.final_layernorm.weight": (s.dim,), "output_layer.weight": (vp // tp, s.dim)}
-    for i in range(s.n_layers):
-        L = f"decoder.layers.{i}."
-        shapes |= {L + "input_layernorm.weight": (s.dim,), L + "pre_mlp_layernorm.weight": (s.dim,),
-                   L + "self_attention.linear_qkv.weight": (qkv_rows, s.dim),
-                   L + "self_attention.linear_proj.weight": (s.dim, s.n_heads * s.head_dim // tp),
-                   L + "mlp.linear_fc1.weight": (2 * s.ffn_dim // tp, s.dim),
-                   L + "mlp.linear_fc2.weight": (s.dim, s.ffn_dim // tp)}
+    """Every Megatron key's shape on one TP rank."""
+    shapes = {}
+    for k, lay, _ in megatron_keys(spec.size.n_layers):
+        parts = [spec.shape(m) for m in lay.meta]  # the Meta tensors' rows are stacked
+        rows = padded_vocab(spec.vocab, tp) if lay.kind == "vocab" else sum(p[0] for p in parts)
+        shape = [rows, *parts[0][1:]]
+        if lay.split is not None:
+            shape[TP_DIM[lay.split]] //= tp
+        shapes[k] = tuple(shape)
     return shapes
 
 
@@ -252,8 +289,7 @@ class MegatronSource(Source):
         where = rank_dir(self.dir, it, 0) / CKPT_NAME
         try:
             size = match_size(where, dim=a.hidden_size, n_layers=a.num_layers, n_heads=a.num_attention_heads,
-                              n_kv_heads=a.num_query_groups if a.group_query_attention else a.num_attention_heads,
-                              ffn_dim=a.ffn_hidden_size, size_name=size_name)
+                              n_kv_heads=kv_groups(a), ffn_dim=a.ffn_hidden_size, size_name=size_name)
             self.tp = int(a.tensor_model_parallel_size)
             vocab, self.padded = int(a.vocab_size), int(a.padded_vocab_size)
             if int(getattr(a, "pipeline_model_parallel_size", 1)) != 1:
@@ -265,16 +301,15 @@ class MegatronSource(Source):
         ranks = sorted(p.name for p in (self.dir / it).glob("mp_rank_*"))
         if len(ranks) != self.tp:
             raise UserError(f"{self.dir / it}: {len(ranks)} mp_rank_* directories, args say TP {self.tp}")
-        self.ranks = [ck0["model"]] + [_load(self.dir, r, mmap=True)["model"] for r in range(1, self.tp)]
+        self.ranks = [without_extra_state(ck0["model"])] + [load_rank(self.dir, r) for r in range(1, self.tp)]
         shapes = expected_rank_shapes(self.spec, self.tp)
         if shapes["embedding.word_embeddings.weight"][0] * self.tp != self.padded:
             raise UserError(f"{where}: padded_vocab_size {self.padded} is not the padding of vocab {vocab} at TP {self.tp}")
         for r, sd in enumerate(self.ranks):
             p = rank_dir(self.dir, it, r) / CKPT_NAME
-            sd_keys = {k for k in sd if not k.endswith("._extra_state")}
-            if missing := [k for k in shapes if k not in sd_keys]:
+            if missing := [k for k in shapes if k not in sd]:
                 raise UserError(f"{p}: missing key {missing[0]!r} ({len(missing)} missing)")
-            if extra := sorted(sd_keys - set(shapes)):
+            if extra := sorted(set(sd) - set(shapes)):
                 raise UserError(f"{p}: unexpected key {extra[0]!r}")
             for k, shape in shapes.items():
                 if tuple(sd[k].shape) != shape:
@@ -282,30 +317,17 @@ class MegatronSource(Source):
         self.dtype = self.ranks[0]["embedding.word_embeddings.weight"].dtype
         tok = self.dir / (getattr(a, "tokenizer_model", None) or "tokenizer.model")
         self.tokenizer = tok if tok.is_file() else None
-        self._qkv_cache: tuple[int, tuple] | None = None
-
-    def _cat(self, key: str, dim: int) -> torch.Tensor:
-        return torch.cat([sd[key] for sd in self.ranks], dim=dim)
+        self._qkv_cache: tuple[str, tuple] | None = None
 
     def get(self, key: str) -> torch.Tensor:
-        parts = key.split(".")
-        if key in ("tok_embeddings.weight", "output.weight"):
-            return self._cat(DIRECT[key], 0)[: self.spec.vocab]
-        if key == "norm.weight":
-            return self.ranks[0][DIRECT[key]]
-        i = int(parts[1])
-        leaf = ".".join(parts[2:])
-        L = f"decoder.layers.{i}."
-        if leaf in ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"):
-            if self._qkv_cache is None or self._qkv_cache[0] != i:  # one layer's q, k, v kept
-                blocks = [sd[L + "self_attention.linear_qkv.weight"] for sd in self.ranks]
-                self._qkv_cache = (i, split_qkv(blocks, self.spec))
-            return self._qkv_cache[1][["attention.wq.weight", "attention.wk.weight", "attention.wv.weight"].index(leaf)]
-        if leaf in ("feed_forward.w1.weight", "feed_forward.w3.weight"):
-            halves = [sd[L + "mlp.linear_fc1.weight"].chunk(2, dim=0) for sd in self.ranks]
-            return torch.cat([h[0 if leaf == "feed_forward.w1.weight" else 1] for h in halves], dim=0)
-        mkey = DIRECT["layers.{i}." + leaf].format(i=i)
-        how = MEGATRON_KEYS["decoder.layers.{i}." + mkey.split(".", 3)[3]]
-        if how is None:
+        mkey, lay, part = locate(key)
+        if lay.kind == "qkv":
+            if self._qkv_cache is None or self._qkv_cache[0] != mkey:  # one layer's q, k, v kept
+                self._qkv_cache = (mkey, split_qkv([sd[mkey] for sd in self.ranks], self.spec))
+            return self._qkv_cache[1][part]
+        if lay.kind == "fc1":  # each rank: its gate block, then its up block
+            return torch.cat([sd[mkey].chunk(len(lay.meta), dim=0)[part] for sd in self.ranks], dim=0)
+        if lay.split is None:
             return self.ranks[0][mkey]
-        return self._cat(mkey, 0 if how == "rows" else 1)
+        full = torch.cat([sd[mkey] for sd in self.ranks], dim=TP_DIM[lay.split])
+        return full[: self.spec.vocab] if lay.kind == "vocab" else full

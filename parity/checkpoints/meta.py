@@ -1,7 +1,7 @@
 """Meta's Llama-2 layout: params.json + consolidated.NN.pth (+ tokenizer.model).
 
 Meta's files are its model-parallel shards: a tensor is either split evenly across the N files along
-one dimension, or replicated in each. SPLIT_DIM is that rule, written once for reading and writing.
+one dimension, or replicated in each. FILE_SPLIT_DIM is that rule, written once for reading and writing.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from parity.arch import get_size, size_from_params
-from parity.checkpoints.spec import IGNORED_KEYS, Source, Spec
+from parity.checkpoints.spec import IGNORED_KEYS, Source, Spec, leaf
 from parity.errors import UserError
 from parity.io import atomic_file, load_torch, read_json
 
-# Leaf name -> dim split across consolidated files (None: replicated in every file).
-SPLIT_DIM = {
+# Leaf name -> dim split across the consolidated.NN.pth files (None: replicated in every file).
+FILE_SPLIT_DIM = {
     "tok_embeddings.weight": 1,       # split on the model dim, not on vocab
     "norm.weight": None,
     "output.weight": 0,
@@ -37,8 +37,8 @@ SPLIT_DIM = {
 FILE_RE = re.compile(r"consolidated\.(\d+)\.pth")
 
 
-def split_dim(key: str) -> int | None:
-    return SPLIT_DIM[key.split(".", 2)[-1] if key.startswith("layers.") else key]
+def file_split_dim(key: str) -> int | None:
+    return FILE_SPLIT_DIM[leaf(key)]
 
 
 def files(d: str | Path) -> list[Path]:
@@ -82,7 +82,7 @@ class MetaSource(Source):
         vocab = self.params.get("vocab_size", -1)
         if vocab is None or vocab <= 0:
             vocab = self.shards[0]["tok_embeddings.weight"].shape[0]
-        size = size_from_params(self.params, vocab)
+        size = size_from_params(self.params)
         if size_name:
             want = get_size(size_name)
             if (want.dim, want.n_layers, want.n_heads, want.n_kv_heads, want.ffn_dim) != (
@@ -108,7 +108,7 @@ class MetaSource(Source):
                 raise UserError(f"{p}: unexpected key {extra[0]!r}; not a {self.spec.size.name} checkpoint")
         for key in self.spec.keys():
             full = list(self.spec.shape(key))
-            d = split_dim(key)
+            d = file_split_dim(key)
             if d is not None:
                 if full[d] % n:
                     raise UserError(f"{self.dir}: {n} consolidated files cannot hold {key} {tuple(full)} "
@@ -120,13 +120,13 @@ class MetaSource(Source):
                                     f"for {self.spec.size.name} in {n} file(s)")
 
     def get(self, key: str) -> torch.Tensor:
-        d = split_dim(key)
+        d = file_split_dim(key)
         if d is None or len(self.shards) == 1:  # no copy: the mmap'd tensor itself
             return self.shards[0][key]
         return torch.cat([sd[key] for sd in self.shards], dim=d)
 
     def block(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        d = split_dim(key)
+        d = file_split_dim(key)
         if d is None or len(self.shards) == 1:
             return self.shards[0][key].narrow(dim, start, stop - start)
         if d != dim:  # every file holds a strip of the block: cut each, join along the file split
@@ -159,7 +159,7 @@ def write_meta(src: Source, out: Path, n: int, dtype: torch.dtype | None = None)
     """Write consolidated.00..n-1.pth, one file at a time: only one file's tensors are held."""
     spec = src.spec
     for key in spec.keys():
-        d = split_dim(key)
+        d = file_split_dim(key)
         if d is not None and spec.shape(key)[d] % n:
             raise UserError(f"{n} consolidated files cannot split {key} {spec.shape(key)} on dim {d}; "
                             f"choose --target-files dividing it")
@@ -167,7 +167,7 @@ def write_meta(src: Source, out: Path, n: int, dtype: torch.dtype | None = None)
     for r in range(n):
         state = {}
         for key in spec.keys():
-            d = split_dim(key)
+            d = file_split_dim(key)
             if d is None:
                 t = src.get(key)
             else:  # only file r's block is read from the source

@@ -32,6 +32,35 @@ LAYER_KEYS = [
 IGNORED_KEYS = {"rope.freqs"}
 
 
+def split_layer(key: str) -> tuple[str, int | None]:
+    """'layers.3.attention.wq.weight' -> ('layers.{i}.attention.wq.weight', 3); a global key -> (key, None)."""
+    if key.startswith("layers."):
+        _, i, rest = key.split(".", 2)
+        return f"layers.{{i}}.{rest}", int(i)
+    return key, None
+
+
+def leaf(key: str) -> str:
+    """The name without its layer: 'layers.3.attention.wq.weight' -> 'attention.wq.weight'."""
+    return key.split(".", 2)[-1] if key.startswith("layers.") else key
+
+
+# Rotary row order. Meta's wq / wk rows hold each head's rotary pairs interleaved (x0, x1), (x2, x3), ...;
+# HF and Megatron rotate halves, so their rows are each head's even features, then its odd ones.
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta (interleaved pairs) -> rotate-half row order of wq / wk (HF, Megatron)."""
+    rows, dim = w.shape
+    hd = rows // n_heads
+    return w.view(n_heads, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rotate-half -> Meta: the inverse of permute."""
+    rows, dim = w.shape
+    hd = rows // n_heads
+    return w.view(n_heads, 2, hd // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
 @dataclass(frozen=True)
 class Spec:
     """A model's shapes: its Size plus the true vocabulary size (from the tokenizer / embeddings)."""
@@ -49,7 +78,6 @@ class Spec:
     def shape(self, key: str) -> tuple[int, ...]:
         s = self.size
         hd = s.head_dim
-        leaf = key.split(".", 2)[-1] if key.startswith("layers.") else key
         table = {
             "tok_embeddings.weight": (self.vocab, s.dim),
             "output.weight": (self.vocab, s.dim),
@@ -64,16 +92,7 @@ class Spec:
             "attention_norm.weight": (s.dim,),
             "ffn_norm.weight": (s.dim,),
         }
-        return table[leaf]
-
-    def n_params(self) -> int:
-        total = 0
-        for k in self.keys():
-            n = 1
-            for d in self.shape(k):
-                n *= d
-            total += n
-        return total
+        return table[leaf(key)]
 
 
 def match_size(where: Path, *, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from parity.errors import UserError
 from parity.tasks.registry import KINDS, TestSpec, data_root, get_spec
-from parity.tasks.registry import SAMPLES_DIR  # noqa: F401  (re-exported: callers know it from here)
 
 SAMPLES = "samples"
 
