@@ -38,25 +38,29 @@ def load_manifest(run_dir: Path) -> dict:
 
 def read_samples(path: Path) -> list[dict]:
     """The per-sample lines of one unit. Parsed as one JSON array (a real run has ~37,000 lines per size
-    and backend: one parser call instead of one per line); a damaged line is then found and named."""
+    and backend: one parser call instead of one per line); a damaged file is read line by line to name
+    its first bad line."""
     numbered = [(n, ln) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
     try:
         rows = json.loads("[" + ",".join(ln for _, ln in numbered) + "]")
     except json.JSONDecodeError:
         rows = None
-    if rows is None or len(rows) != len(numbered):  # a line holding two values also lands here
-        rows = []
-        for n, line in numbered:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {n} is not valid JSON ({e.msg}); rerun the unit "
-                                f"(delete the file and run `parity run` again)") from None
-    for (n, _), row in zip(numbered, rows):
-        lack = [k for k in REQUIRED_SAMPLE_FIELDS if k not in row] if isinstance(row, dict) else ["everything"]
-        if lack:
+    if rows is not None and len(rows) == len(numbered) and all(_complete(r) for r in rows):
+        return rows
+    for n, line in numbered:  # a line holding two values also lands here
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n} is not valid JSON ({e.msg}); rerun the unit "
+                            f"(delete the file and run `parity run` again)") from None
+        if not _complete(row):
+            lack = [k for k in REQUIRED_SAMPLE_FIELDS if k not in row] if isinstance(row, dict) else ["everything"]
             raise UserError(f"{path}: line {n} lacks {', '.join(lack)}; not a per-sample file of this parity")
-    return rows
+    raise AssertionError("unreachable: every line parsed alone and was complete")
+
+
+def _complete(row) -> bool:
+    return isinstance(row, dict) and all(k in row for k in REQUIRED_SAMPLE_FIELDS)
 
 
 def _unit(run_dir: Path, manifest: dict, size: str, backend: str, test: str) -> tuple[dict, list | None]:
