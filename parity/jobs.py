@@ -1,8 +1,9 @@
 """The contract between `parity run` and a worker (`parity score JOB`): one Job file per (size, backend).
 
 The run writes the Job; every rank of the worker reads it, loads the model once and scores each unit's
-requests into the unit's output (parity.results names the paths). A Job names the adapter class itself,
-so a worker needs no registry lookup (a backend registered by a plug-in reaches its worker too).
+requests into the unit's output (parity.results names the paths). A Job written by `parity run` names the
+adapter class itself, so a backend registered by a plug-in reaches its worker too; a job that names only
+a registered backend gets the registry's adapter.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ class JobUnit:
 
 @dataclass(frozen=True)
 class Job:
-    backend: str  # the registry name (for messages)
-    adapter: str  # "module:Class" of the backend's adapter
+    backend: str  # the registry name
     checkpoint: str
     tp: int  # ranks the worker is launched with
+    adapter: str = ""  # "module:Class" of the backend's adapter; "" = the registry's row for `backend`
     device: str = "cpu"
     dtype: str = "fp32"
     batch_size: str = "auto"  # "auto" or a positive integer
@@ -45,7 +46,7 @@ class Job:
         d = read_json(path, "job file")
         if not isinstance(d, dict):
             raise UserError(f"{path}: a job file holds a JSON object; regenerate it with `parity run`")
-        for key in ("backend", "adapter", "checkpoint", "tp", "units"):
+        for key in ("backend", "checkpoint", "tp", "units"):
             if key not in d:
                 raise UserError(f"{path}: job file lacks {key!r}; regenerate it with `parity run`")
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
@@ -59,6 +60,9 @@ class Job:
         return job
 
     def validate(self, where) -> None:
+        if not self.adapter:  # a hand-written job names only the backend; the registry knows its class
+            from parity.backends import backend_info
+            object.__setattr__(self, "adapter", backend_info(self.backend, f"{where}: backend").adapter)
         if self.device not in DEVICES:
             raise UserError(f"{where}: device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:

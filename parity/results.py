@@ -101,6 +101,6 @@ def check_format(manifest: object, path: Path) -> None:
     """Results written by another results format are refused, never misread."""
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != RESULTS_FORMAT:
-        raise UserError(f"{path}: results from an incompatible parity version (format {fmt}, this parity "
+        raise UserError(f"{path}: results from an incompatible version of parity (format {fmt}, this parity "
                         f"reads and writes {RESULTS_FORMAT}); rerun `parity run` into a new --out directory, "
                         f"or use the parity version that wrote it")

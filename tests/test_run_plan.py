@@ -88,5 +88,5 @@ def test_results_of_an_incompatible_version_are_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "parity", "run", "--sizes", "7b-mini", "--tests", "boolq",
                         "--out", str(run_dir)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    assert "incompatible parity version" in r.stderr and "Traceback" not in r.stderr
+    assert "incompatible version of parity" in r.stderr and "Traceback" not in r.stderr
     assert (run_dir / "manifest.json").read_text() == '{"format": 0, "units": {}}'  # left as it was
