@@ -178,8 +178,12 @@ class MegatronBackend(Backend):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, t = tokens.shape
         position_ids = torch.arange(t, device=tokens.device)[None].expand(b, t)
+        # the local spec gets an explicit mask (megatron-core's default one is built on "cuda"); TE's fused
+        # attention applies its causal mask type itself, as with Megatron-LM's
+        # --no-create-attention-mask-in-dataloader
+        mask = causal_mask(t, tokens.device) if self.spec == "local" else None
         # parallel_output: each rank gets its vocab slice [b, t, padded_vocab / tp]
-        local = self.model(tokens, position_ids, causal_mask(t, tokens.device), runtime_gather_output=False)
+        local = self.model(tokens, position_ids, mask, runtime_gather_output=False)
         if self.tp > 1:  # megatron's own gather allocates on CUDA; all_gather works on gloo and nccl
             import torch.distributed as dist
             from megatron.core import parallel_state
