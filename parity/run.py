@@ -164,6 +164,9 @@ def make_plan(args) -> Plan:
     checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
     parallel = _parallel(args.parallel, device, args.launcher)
     spec = getattr(args, "megatron_spec", None) or "local"
+    if spec == "te" and device != "cuda":
+        raise UserError(f"--megatron-spec te: Transformer Engine runs on cuda only, this run is on {device}; "
+                        f"use --megatron-spec local (the default) or --device cuda")
     options = {"megatron": {"spec": spec}} if spec != "local" else {}
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
                 args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,

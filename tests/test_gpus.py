@@ -116,6 +116,13 @@ def test_parallel_defaults(monkeypatch):
         parity.run._parallel(0, "cpu", "local")
 
 
+def test_te_spec_on_cpu_is_refused_before_anything_runs(tmp_path):
+    args = build_parser().parse_args(["run", "--sizes", "7b-mini", "--backends", "meta", "--device", "cpu",
+                                      "--megatron-spec", "te", "--out", str(tmp_path / "r")])
+    with pytest.raises(UserError, match="--megatron-spec te: Transformer Engine runs on cuda only"):
+        parity.run.make_plan(args)
+
+
 def test_launch_gives_the_worker_its_gpus(tmp_path, monkeypatch):
     code = "import os, sys; sys.stderr.write(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))"
     monkeypatch.setattr(worker, "launch_command", lambda *a, **k: [sys.executable, "-c", code])
