@@ -158,16 +158,16 @@ def make_plan(args) -> Plan:
     tests = resolve_tests(_csv(args.tests), _csv(args.suites), data_dir=data_dir)
     device = args.device or run_cfg.get("device") or default_device(args.launcher)
     dtype = args.dtype or run_cfg.get("dtype") or ("bf16" if device == "cuda" else "fp32")
-    default_out = "results/default" if not (args.sizes or args.config) else \
-        f"results/{'-'.join(sizes)}-{dtype}-{device}"
-    run_dir = Path(args.out or run_cfg.get("out") or default_out)
-    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
-    parallel = _parallel(args.parallel, device, args.launcher)
     spec = getattr(args, "megatron_spec", None) or "local"
     if spec == "te" and device != "cuda":
         raise UserError(f"--megatron-spec te: Transformer Engine runs on cuda only, this run is on {device}; "
                         f"use --megatron-spec local (the default) or --device cuda")
     options = {"megatron": {"spec": spec}} if spec != "local" else {}
+    default_out = "results/default" if not (args.sizes or args.config) else \
+        f"results/{'-'.join(sizes)}-{dtype}-{device}"
+    run_dir = Path(args.out or run_cfg.get("out") or default_out)
+    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
+    parallel = _parallel(args.parallel, device, args.launcher)
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
                 args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,
                 online=args.online, parallel=parallel, backend_options=options)
