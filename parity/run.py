@@ -166,8 +166,8 @@ def make_plan(args) -> Plan:
     default_out = "results/default" if not (args.sizes or args.config) else \
         f"results/{'-'.join(sizes)}-{dtype}-{device}"
     run_dir = Path(args.out or run_cfg.get("out") or default_out)
-    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
     parallel = _parallel(args.parallel, device, args.launcher)
+    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
                 args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,
                 online=args.online, parallel=parallel, backend_options=options)
