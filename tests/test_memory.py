@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 import torch
 
@@ -104,3 +107,25 @@ def test_meta_kv_cache_is_allocated_once_for_the_job():
     assert meta._cache_tokens == tokens
     again = meta.loglikelihood(rs, 4)  # stale cache contents never leak into a batch
     assert [s.loglik for s in again] == [s.loglik for s in first]
+
+
+def test_ranks_load_in_turns(tmp_path):
+    """dist.load_in_turns under torchrun (2 ranks, gloo): the two loads never overlap, rank 0 first."""
+    from parity.backends.worker import _torchrun
+
+    script = tmp_path / "turns.py"
+    script.write_text(f"""
+import json, os, time
+from parity.backends.dist import init_distributed, load_in_turns, shutdown
+rank, world = init_distributed("cpu")
+def load():
+    start = time.time(); time.sleep(1.0); return [start, time.time()]
+span = load_in_turns(load)
+open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.json"), "w").write(json.dumps(span))
+shutdown(clean=True)
+""")
+    r = subprocess.run([*_torchrun(), "--standalone", "--nnodes", "1", "--nproc-per-node", "2", str(script)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (s0, e0), (s1, e1) = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert e0 <= s1  # rank 1 began after rank 0 had finished
