@@ -11,7 +11,7 @@ import os
 import sys
 
 from parity.backends import BACKENDS, default_backends
-from parity.checkpoints import MARKERS
+from parity.checkpoints import MARKERS, MEGATRON_SPECS
 from parity.dtypes import DTYPES
 from parity.errors import CheckFailed, UserError
 
@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", default="auto", help="N or auto")
     p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local",
                    help="how tensor-parallel workers are started")
-    p.add_argument("--parallel", type=int, default=1, help="workers run side by side (memory permitting)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="workers run side by side (default: 1 on cpu; on cuda with the local launcher, as many "
+                        "as the GPUs hold, each worker on GPUs of its own)")
+    p.add_argument("--megatron-spec", choices=list(MEGATRON_SPECS), default="local",
+                   help="megatron-core layer spec: local modules (default), or te: Transformer Engine's, as "
+                        "Megatron-LM trains with (needs transformer_engine and cuda)")
     p.add_argument("--skip-bad-docs", action="store_true", help="skip malformed documents and count them")
     p.add_argument("--online", action="store_true", help="fetch datasets from the hub instead of --data-dir")
     p.add_argument("--no-report", action="store_true", help="store results only")
@@ -86,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-files", type=int, help="number of consolidated files of a meta output")
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the output (default: as stored)")
     p.add_argument("--tokenizer", help="tokenizer.model to ship with the output")
+    p.add_argument("--megatron-spec", choices=list(MEGATRON_SPECS),
+                   help="tensor names of a megatron output: local (default) or te (Transformer Engine's)")
     p.add_argument("--overwrite", action="store_true")
 
     p = _verb(sub, "make-checkpoint", "parity.checkpoints.synthetic:cli_make_checkpoint",

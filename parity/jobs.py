@@ -37,6 +37,7 @@ class Job:
     size: str = ""
     vocab_size: int | None = None  # the requests' tokenizer vocabulary (checked against the model's)
     units: list[JobUnit] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # adapter-specific (base.Backend options), e.g. {"spec": "te"}
 
     def write(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -72,6 +73,8 @@ class Job:
             raise UserError(f"{where}: batch_size {bs!r} must be 'auto' or a positive integer")
         if not isinstance(self.tp, int) or self.tp < 1:
             raise UserError(f"{where}: tp {self.tp!r} must be a positive integer")
+        if not isinstance(self.options, dict):
+            raise UserError(f"{where}: options {self.options!r} must be a JSON object")
 
     @property
     def batch(self) -> int | str:

@@ -90,3 +90,23 @@ def test_results_of_an_incompatible_version_are_refused(tmp_path):
     assert r.returncode == 2
     assert "incompatible version of parity" in r.stderr and "Traceback" not in r.stderr
     assert (run_dir / "manifest.json").read_text() == '{"format": 0, "units": {}}'  # left as it was
+
+
+def test_unit_hash_is_unchanged_by_default_options_and_changed_by_the_te_spec(tmp_path):
+    """Stored results stay valid: only a non-default backend option (megatron's te spec) enters the hash."""
+    import hashlib
+    import json as _json
+    from types import SimpleNamespace
+
+    from parity import RESULTS_FORMAT
+    from parity.run import unit_inputs
+
+    plan = SimpleNamespace(dtype="fp32", device="cpu", backend_options={})
+    ckpt, td = {"fingerprint": "f", "tp": 1}, SimpleNamespace(digest="d")
+    before = hashlib.sha256(_json.dumps([RESULTS_FORMAT, "megatron", "f", 1, "fp32", "cpu", "d"],
+                                        separators=(",", ":")).encode()).hexdigest()[:16]  # the formula so far
+    assert unit_inputs("megatron", ckpt, plan, td) == before
+    plan.backend_options = {"megatron": {"spec": "te"}}
+    assert unit_inputs("megatron", ckpt, plan, td) != before
+    assert unit_inputs("meta", ckpt, plan, td) == unit_inputs("meta", ckpt, SimpleNamespace(
+        dtype="fp32", device="cpu", backend_options={}), td)

@@ -1,9 +1,17 @@
-"""Megatron stack: megatron-core GPTModel (local layer spec) from a legacy Megatron-LM checkpoint.
+"""Megatron stack: megatron-core GPTModel from a legacy Megatron-LM checkpoint.
 
 The model is configured from the checkpoint's saved args (as Megatron-LM's --use-checkpoint-args
 does), parallel_state is initialised over torch.distributed, and each rank loads its own
 mp_rank_TT shard. The run's TP must equal the checkpoint's shard count: re-sharding a Megatron
 checkpoint is the converter's job (`parity convert --target-tp`), not the scorer's.
+
+Layer spec (option "spec", `parity run --megatron-spec`): "local" (default; megatron-core's own
+modules, runs on CPU) or "te" (Transformer Engine's, what Megatron-LM trains with; needs
+transformer_engine and CUDA). Checkpoints saved under either spec's names load into either.
+
+Precision as Megatron-LM runs it: for bf16 / fp16 Megatron-LM wraps the model in Float16Module, which
+casts the whole module (`module.bfloat16()`), so the local spec's torch.nn.RMSNorm weights, made in
+fp32, compute in bf16 like everything else; we cast the same way.
 
 Megatron pads the vocabulary (to a multiple of 128 * TP); logits are vocab-parallel, so they are
 gathered over the TP group and then cut to the true vocab: padded entries are never scored.
@@ -28,6 +36,25 @@ MEGATRON_SEED = 1234  # Megatron-LM's --seed default, for saved args without one
 # megatron-core announces at import that it falls back from Transformer Engine / Apex: that is the
 # local spec we choose, not news
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+
+
+def _layer_spec(spec: str, device: str, checkpoint):
+    """config -> megatron-core's GPT layer spec `spec` (checked before anything is loaded)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if spec == "local":
+        return lambda config: gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    if spec != "te":
+        raise UserError(f"{checkpoint}: unknown megatron layer spec {spec!r}; use local or te")
+    if device != "cuda":
+        raise UserError(f"{checkpoint}: the te layer spec (Transformer Engine) runs on cuda only; "
+                        f"use --megatron-spec local on {device}")
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, OSError) as e:
+        raise UserError(f"{checkpoint}: --megatron-spec te needs transformer_engine, which does not import here "
+                        f"({str(e).splitlines()[0][:150]}); install it or use --megatron-spec local") from None
+    return lambda config: gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
 
 
 def causal_mask(seqlen: int, device: torch.device) -> torch.Tensor:
@@ -79,13 +106,15 @@ def transformer_config(args, tp: int, dtype: torch.dtype, device: str):
 
 class MegatronBackend(Backend):
     name = "megatron"
+    spec = "local"  # the megatron-core layer spec that runs (option "spec")
 
     def load(self) -> None:
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         checkpoint, device = self.checkpoint, self.device.type
+        spec = self.spec = self.options.get("spec", "local")
+        layer_spec = _layer_spec(spec, device, checkpoint)
         args = mg_ckpt.read_args(checkpoint)
         shards = mg_ckpt.tp_size(checkpoint)
         tp = self.tp = self.tp or shards
@@ -98,6 +127,12 @@ class MegatronBackend(Backend):
         self.vocab_size = int(args.vocab_size)  # the TRUE vocab; padded_vocab_size is what is stored
         self.check_vocab(self.vocab_size)
         self.max_length = self.requested_max_length or int(getattr(args, "seq_length", None) or args.max_position_embeddings)
+
+        self.heads_per_rank = heads // tp
+        # local spec: unfused attention holds [b * heads, T, T] scores in the compute dtype, then fp32 for
+        # the softmax (FusedScaleMaskSoftmax's torch path) and a cast back: about 12 bytes per element;
+        # TE's fused attention never holds them whole
+        self.score_bytes = 12 if spec == "local" else 0
 
         self.rank, world = init_distributed(device)
         if world != tp:
@@ -115,7 +150,7 @@ class MegatronBackend(Backend):
         config = transformer_config(args, tp, torch_dtype(self.dtype), device)
         self.model = GPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization),
+            transformer_layer_spec=layer_spec(config),
             vocab_size=int(args.padded_vocab_size),
             max_sequence_length=int(args.max_position_embeddings),
             pre_process=True,
@@ -125,20 +160,30 @@ class MegatronBackend(Backend):
             rotary_percent=getattr(args, "rotary_percent", 1.0),
             rotary_base=int(getattr(args, "rotary_base", LLAMA2_ROPE_THETA)),
         )
-        # MEGATRON_KEYS' names; _extra_state entries (fp8 metadata of TE layers) do not exist in the local spec
-        state = mg_ckpt.load_rank(checkpoint, self.rank)
+        # MEGATRON_KEYS' names, renamed for the spec; _extra_state entries (fp8 metadata of TE layers) are
+        # metadata, never weights
+        state = mg_ckpt.named_for(mg_ckpt.load_rank(checkpoint, self.rank), spec)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith(mg_ckpt.EXTRA_STATE)]
         if missing or unexpected:
             raise UserError(f"{checkpoint}: rank {self.rank} shard does not fit GPTModel (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}); re-convert the checkpoint")
         self.model.to(self.device).eval()
+        if config.bf16 or config.fp16:  # Megatron-LM's Float16Module: module.bfloat16() / module.half()
+            self.model.to(torch_dtype(self.dtype))
+
+    def details(self) -> dict:
+        return {"spec": self.spec}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, t = tokens.shape
         position_ids = torch.arange(t, device=tokens.device)[None].expand(b, t)
+        # the local spec gets an explicit mask (megatron-core's default one is built on "cuda"); TE's fused
+        # attention applies its causal mask type itself, as with Megatron-LM's
+        # --no-create-attention-mask-in-dataloader
+        mask = causal_mask(t, tokens.device) if self.spec == "local" else None
         # parallel_output: each rank gets its vocab slice [b, t, padded_vocab / tp]
-        local = self.model(tokens, position_ids, causal_mask(t, tokens.device), runtime_gather_output=False)
+        local = self.model(tokens, position_ids, mask, runtime_gather_output=False)
         if self.tp > 1:  # megatron's own gather allocates on CUDA; all_gather works on gloo and nccl
             import torch.distributed as dist
             from megatron.core import parallel_state

@@ -15,6 +15,9 @@ MARKERS = {
     "hf": "config.json",
     "megatron": "latest_checkpointed_iteration.txt",
 }
+# megatron-core layer specs whose tensor names the megatron format reads and writes: local modules, and
+# Transformer Engine's (megatron.MEGATRON_KEYS' `te` names). Here, not there, so the CLI stays torch-free.
+MEGATRON_SPECS = ("local", "te")
 
 
 def detect_format(d: str | Path) -> str:

@@ -34,7 +34,7 @@ def open_source(fmt: str, load_dir: str | Path, size: str | None = None) -> Sour
 
 def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, target_tp: int | None = None,
             target_files: int | None = None, dtype: str | None = None, tokenizer: str | Path | None = None,
-            size: str | None = None, overwrite: bool = False) -> Path:
+            size: str | None = None, overwrite: bool = False, megatron_spec: str | None = None) -> Path:
     if src == "auto":
         src = detect_format(load_dir)
     if dst not in READERS:
@@ -58,6 +58,8 @@ def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, t
         raise UserError("--target-files applies only to --to meta")
     if target_tp is not None and dst != "megatron":
         raise UserError("--target-tp applies only to --to megatron")
+    if megatron_spec is not None and dst != "megatron":
+        raise UserError("--megatron-spec applies only to --to megatron")
     save_dir = Path(save_dir)
     with atomic_dir(save_dir, overwrite=overwrite) as tmp:
         if dst == "meta":
@@ -71,13 +73,13 @@ def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, t
         elif dst == "hf":
             write_hf(source, tmp, out_dtype)
         else:
-            write_megatron(source, tmp, tp, out_dtype)
+            write_megatron(source, tmp, tp, out_dtype, megatron_spec or "local")
     return save_dir
 
 
 def cli_convert(args) -> int:
     out = convert(args.src, args.dst, args.load_dir, args.save_dir, target_tp=args.target_tp,
                   target_files=args.target_files, dtype=args.dtype, tokenizer=args.tokenizer,
-                  size=args.size, overwrite=args.overwrite)
+                  size=args.size, overwrite=args.overwrite, megatron_spec=getattr(args, "megatron_spec", None))
     print(out)
     return 0

@@ -1,4 +1,4 @@
-"""Legacy Megatron-LM checkpoint directory for megatron-core's GPTModel (local layer spec).
+"""Legacy Megatron-LM checkpoint directory for megatron-core's GPTModel (local or Transformer Engine spec).
 
     latest_checkpointed_iteration.txt      "release" (or an iteration number -> iter_NNNNNNN/)
     tokenizer.model                        args.tokenizer_model names it, relative to the top
@@ -8,19 +8,23 @@
 MEGATRON_KEYS is the one table of the layout: each Megatron tensor, how it is split across TP ranks,
 how its rows are laid out, and the Meta tensors it is built from. The writer (rank_state), the shape
 check (expected_rank_shapes), the reader (MegatronSource.get) and the backend (load_rank) go through it.
-It is meant to carry torch_dist checkpoints, Transformer Engine names and pipeline stages as well
-(docs/architecture.md, "Checkpoint layouts").
+Its keys are the local spec's names; a row whose name differs under the Transformer Engine spec carries
+that name too (the two layer norms, fused into the following linear layer by TE), so checkpoints saved
+by TE-trained models read, and --megatron-spec te writes, under TE's names. It is meant to carry
+torch_dist checkpoints and pipeline stages as well (docs/architecture.md, "Checkpoint layouts").
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from parity.checkpoints import MEGATRON_SPECS
 from parity.checkpoints.spec import Source, Spec, match_size, permute, split_layer, unpermute
 from parity.errors import UserError
 from parity.io import atomic_file, load_torch
@@ -35,10 +39,11 @@ class Layout(NamedTuple):
     split: str | None  # across TP ranks: "rows" (dim 0), "cols" (dim 1), None (replicated)
     kind: str  # how the rows are laid out, see MEGATRON_KEYS
     meta: tuple[str, ...]  # the Meta key(s) it is built from, in the order their rows are stacked
+    te: str | None = None  # its name under the Transformer Engine layer spec, where that differs
 
 
-def row(split: str | None, kind: str, *meta: str) -> Layout:
-    return Layout(split, kind, meta)
+def row(split: str | None, kind: str, *meta: str, te: str | None = None) -> Layout:
+    return Layout(split, kind, meta, te)
 
 
 # Megatron key ({i} = layer) -> Layout, in GPTModel's state_dict order: what the first pipeline stage
@@ -51,12 +56,14 @@ def row(split: str | None, kind: str, *meta: str) -> Layout:
 #   fc1    for each TP rank: its block of gate (w1) rows, then its block of up (w3) rows
 MEGATRON_KEYS = {
     "embedding.word_embeddings.weight":                     row("rows", "vocab", "tok_embeddings.weight"),
-    "decoder.layers.{i}.input_layernorm.weight":            row(None, "plain", "layers.{i}.attention_norm.weight"),
+    "decoder.layers.{i}.input_layernorm.weight":            row(None, "plain", "layers.{i}.attention_norm.weight",
+                                                                te="decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight"),
     "decoder.layers.{i}.self_attention.linear_qkv.weight":  row("rows", "qkv", "layers.{i}.attention.wq.weight",
                                                                 "layers.{i}.attention.wk.weight",
                                                                 "layers.{i}.attention.wv.weight"),
     "decoder.layers.{i}.self_attention.linear_proj.weight": row("cols", "plain", "layers.{i}.attention.wo.weight"),
-    "decoder.layers.{i}.pre_mlp_layernorm.weight":          row(None, "plain", "layers.{i}.ffn_norm.weight"),
+    "decoder.layers.{i}.pre_mlp_layernorm.weight":          row(None, "plain", "layers.{i}.ffn_norm.weight",
+                                                                te="decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight"),
     "decoder.layers.{i}.mlp.linear_fc1.weight":             row("rows", "fc1", "layers.{i}.feed_forward.w1.weight",
                                                                 "layers.{i}.feed_forward.w3.weight"),
     "decoder.layers.{i}.mlp.linear_fc2.weight":             row("cols", "plain", "layers.{i}.feed_forward.w2.weight"),
@@ -74,6 +81,38 @@ def locate(meta_key: str) -> tuple[str, Layout, int]:
     mkey = BY_META[template]
     lay = MEGATRON_KEYS[mkey]
     return mkey.format(i=i), lay, lay.meta.index(template)
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
+
+
+# (pattern of a local name, its TE name template) and back, for the rows that differ
+_TO_TE = [(_pattern(k), lay.te) for k, lay in MEGATRON_KEYS.items() if lay.te]
+_FROM_TE = [(_pattern(lay.te), k) for k, lay in MEGATRON_KEYS.items() if lay.te]
+
+
+def _renamed(state: dict, rules) -> dict:
+    out = {}
+    for k, v in state.items():
+        for pattern, template in rules:
+            if m := pattern.fullmatch(k):
+                k = template.format(i=m.group(1)) if m.groups() else template
+                break
+        out[k] = v
+    return out
+
+
+def named_for(state: dict, spec: str) -> dict:
+    """A state_dict under MEGATRON_KEYS' names, renamed to what the `spec` layer spec's GPTModel calls them."""
+    if spec not in MEGATRON_SPECS:
+        raise UserError(f"unknown megatron layer spec {spec!r}; use one of {', '.join(MEGATRON_SPECS)}")
+    return _renamed(state, _TO_TE) if spec == "te" else dict(state)
+
+
+def canonical(state: dict) -> dict:
+    """A state_dict as saved by either spec, under MEGATRON_KEYS' names."""
+    return _renamed(state, _FROM_TE)
 
 
 def megatron_keys(n_layers: int) -> list[tuple[str, Layout, int | None]]:
@@ -96,7 +135,7 @@ def rank_dir(d: Path, it: str, rank: int) -> Path:
     return d / it / f"mp_rank_{rank:02d}"
 
 
-def make_args(spec: Spec, tp: int, dtype: torch.dtype) -> argparse.Namespace:
+def make_args(spec: Spec, tp: int, dtype: torch.dtype, layer_spec: str = "local") -> argparse.Namespace:
     """Megatron-LM's argument names, enough for --use-checkpoint-args / a TransformerConfig."""
     s = spec.size
     return argparse.Namespace(
@@ -118,7 +157,8 @@ def make_args(spec: Spec, tp: int, dtype: torch.dtype) -> argparse.Namespace:
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
         expert_model_parallel_size=1, data_parallel_size=1, world_size=tp, sequence_parallel=False,
         rotary_seq_len_interpolation_factor=None,
-        num_experts=None, transformer_impl="local", use_mcore_models=True, use_legacy_models=False,
+        num_experts=None, transformer_impl="transformer_engine" if layer_spec == "te" else "local",
+        use_mcore_models=True, use_legacy_models=False,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         tokenizer_type="Llama2Tokenizer", tokenizer_model="tokenizer.model",
         init_method_std=0.02, ckpt_format="torch", iteration=0,
@@ -200,13 +240,15 @@ def rank_state(src: Source, tp: int, r: int, dtype: torch.dtype) -> dict[str, to
     return {k: rank_tensor(src, lay, i, tp, r, dtype) for k, lay, i in megatron_keys(src.spec.size.n_layers)}
 
 
-def write_megatron(src: Source, out: Path, tp: int, dtype: torch.dtype | None = None) -> None:
-    """Write the legacy directory, one TP rank at a time (only one rank's tensors are held)."""
+def write_megatron(src: Source, out: Path, tp: int, dtype: torch.dtype | None = None,
+                   layer_spec: str = "local") -> None:
+    """Write the legacy directory, one TP rank at a time (only one rank's tensors are held), under the
+    names of `layer_spec`'s GPTModel."""
     dtype = dtype or src.dtype
     check_tp(src.spec, tp, f"--target-tp {tp}")
-    args = make_args(src.spec, tp, dtype)
+    args = make_args(src.spec, tp, dtype, layer_spec)
     for r in range(tp):
-        state = rank_state(src, tp, r, dtype)
+        state = named_for(rank_state(src, tp, r, dtype), layer_spec)
         d = rank_dir(out, "release", r)
         d.mkdir(parents=True)
         with atomic_file(d / CKPT_NAME, "wb") as f:
@@ -261,8 +303,9 @@ def without_extra_state(sd: dict) -> dict[str, torch.Tensor]:
 
 
 def load_rank(d: str | Path, rank: int) -> dict[str, torch.Tensor]:
-    """The state_dict of mp_rank_{rank:02d} (mmap'd), without its _extra_state entries."""
-    return without_extra_state(_load(Path(d), rank, mmap=True)["model"])
+    """The state_dict of mp_rank_{rank:02d} (mmap'd), without its _extra_state entries, under
+    MEGATRON_KEYS' names whichever layer spec saved it."""
+    return canonical(without_extra_state(_load(Path(d), rank, mmap=True)["model"]))
 
 
 def expected_rank_shapes(spec: Spec, tp: int) -> dict[str, tuple[int, ...]]:
@@ -301,7 +344,7 @@ class MegatronSource(Source):
         ranks = sorted(p.name for p in (self.dir / it).glob("mp_rank_*"))
         if len(ranks) != self.tp:
             raise UserError(f"{self.dir / it}: {len(ranks)} mp_rank_* directories, args say TP {self.tp}")
-        self.ranks = [without_extra_state(ck0["model"])] + [load_rank(self.dir, r) for r in range(1, self.tp)]
+        self.ranks = [canonical(without_extra_state(ck0["model"]))] + [load_rank(self.dir, r) for r in range(1, self.tp)]
         shapes = expected_rank_shapes(self.spec, self.tp)
         if shapes["embedding.word_embeddings.weight"][0] * self.tp != self.padded:
             raise UserError(f"{where}: padded_vocab_size {self.padded} is not the padding of vocab {vocab} at TP {self.tp}")

@@ -100,6 +100,7 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
                 if th["max_abs_delta"] is not None and d is not None and d > th["max_abs_delta"]:
                     fail("max abs delta", s, o, t, f"{d:.3g}", f"{th['max_abs_delta']:.3g}")
     if baseline is not None:
+        check_same_setup(report, baseline)
         if baseline.get("reference") != report["reference"]:
             raise UserError(f"baseline reference is {baseline.get('reference')!r}, this check's is "
                             f"{report['reference']!r}; pass --reference {baseline.get('reference')}")
@@ -109,6 +110,22 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
             raise UserError(f"baseline report is damaged (missing {e}); regenerate it with "
                             f"`parity report --format json`") from None
     return {"failures": failures, "moved": moved}
+
+
+# What a baseline was made with, beyond the checkpoints: numbers of another device or dtype differ by
+# design (bf16 rounding, other kernels), so comparing them would report false regressions.
+PINNED = ("device", "dtype")
+
+
+def check_same_setup(report: dict, baseline: dict) -> None:
+    now = {k: (report.get("run") or {}).get(k) for k in PINNED}
+    was = {k: (baseline.get("run") or {}).get(k) for k in PINNED}
+    if now != was:
+        def show(d):
+            return "/".join(str(d[k]) for k in PINNED)
+        raise UserError(f"the baseline was made on {show(was)} but this run is {show(now)}; compare runs of the "
+                        f"same device and dtype (`parity run --device {was['device']} --dtype {was['dtype']}`), "
+                        f"or make a baseline on {show(now)}")
 
 
 def _against_baseline(report, baseline, th, fail, moved) -> None:
