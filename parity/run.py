@@ -337,6 +337,9 @@ def execute(plan: Plan, args, progress=print) -> dict:
     data_by_size = load_test_data(plan, args)
     timings = {"tasks_s": round(time.perf_counter() - t0, 3)}
     ckpts = {s: {b: c.manifest() for b, c in plan.checkpoints[s].items()} for s in plan.sizes}
+    from parity.tokenizer_check.in_run import check_run  # each backend's own tokenizer vs the reference ids
+    timings["tokenizers_s"] = round(check_run(plan, data_by_size, getattr(args, "skip_bad_tokenizers", False),
+                                              progress), 3)
 
     units, groups = [], {}
     for size in plan.sizes:
