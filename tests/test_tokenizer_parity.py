@@ -134,14 +134,14 @@ def test_all_documents_encode_identically(shared_data, llama2_tokenizer, forms):
     pairs = [tuple(p) for docs in data.values() for d in docs for p in d]
     assert all(split_pair(*p) == parity_split(*p) for p in pairs)
     texts = list(dict.fromkeys(s for c, k in (split_pair(*p) for p in pairs) for s in (c, c + k)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ref = load("sentencepiece", llama2_tokenizer).encode(texts)
-    t_sp = time.perf_counter() - t0
+    t1, c1 = time.perf_counter(), time.process_time()
     hf = load("hf", forms["exact"]).encode(texts)
-    t_hf = time.perf_counter() - t0 - t_sp
+    t2, c2 = time.perf_counter(), time.process_time()
     bad = [t for t, a, b in zip(texts, ref, hf) if a != b]
     print(f"\n{len(pairs)} pairs, {len(texts)} distinct texts, {sum(map(len, texts)) / 1e6:.1f}M chars: "
-          f"sentencepiece {t_sp:.1f}s, AutoTokenizer {t_hf:.1f}s")
+          f"sentencepiece {t1 - t0:.1f}s ({c1 - c0:.1f}s cpu), AutoTokenizer {t2 - t1:.1f}s ({c2 - c1:.1f}s cpu)")
     assert not bad, f"{len(bad)} texts differ, first {bad[0][:200]!r}"
 
 
@@ -242,6 +242,7 @@ def _data(tok: Path) -> dict:
 def test_check_run_megatron_and_skip_bad(real_tok_checkpoints, llama2_tokenizer, tmp_path):
     """check_run as `parity run` calls it: every backend's tokenizer (Megatron's through megatron-core,
     from its args), stored results reused, a broken one exit 2 unless --skip-bad-tokenizers."""
+    from parity.tokenizer_check.carried import carried, load_carried
     from parity.tokenizer_check.in_run import check_run, report_section, result_path
 
     data = {"7b-mini": _data(llama2_tokenizer)}
@@ -254,6 +255,8 @@ def test_check_run_megatron_and_skip_bad(real_tok_checkpoints, llama2_tokenizer,
     assert results["hf"]["status"] == "checked"
     for b in ckpts:
         assert all(v["n_mismatches"] == 0 for v in results[b]["tests"].values()), b
+    meg = load_carried(carried("megatron", ckpts["megatron"]))  # examples show Megatron's own pieces
+    assert meg.pieces(meg.encode(["x  y"])[0]) == ["<s>", "▁x", "▁", "▁y"]
     before = {b: result_path(plan.run_dir, "7b-mini", b).stat().st_mtime_ns for b in ckpts}
     check_run(plan, data, progress=None)  # unchanged inputs: nothing recomputed
     assert before == {b: result_path(plan.run_dir, "7b-mini", b).stat().st_mtime_ns for b in ckpts}
@@ -276,6 +279,8 @@ def test_check_run_megatron_and_skip_bad(real_tok_checkpoints, llama2_tokenizer,
         assert sec["tokenizers"]["7b-mini"][backend]["status"] == "not checked"
         assert str(name) in sec["tokenizers"]["7b-mini"][backend]["note"]
         assert backend not in sec["tokenizer_mismatches"]["7b-mini"]
+        with pytest.raises(UserError, match=str(name)):  # not reused: without the flag it stops again
+            check_run(plan, data, progress=None)
 
 
 # ---- a whole run: report.md, report.json, parity check ----------------------------------------------

@@ -139,7 +139,11 @@ def megatron_tokenizer_file(ckpt: Path, args) -> Path | None:
 
 
 def _megatron_load(ckpt: Path):
-    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+    import warnings
+
+    with warnings.catch_warnings():  # megatron.core's import warns about Apex / Transformer Engine
+        warnings.simplefilter("ignore")
+        from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
 
     from parity.checkpoints.megatron import read_args
 
@@ -158,8 +162,10 @@ def _megatron_encode(tok, texts):
 
 
 def _megatron_pieces(tok, ids):
+    # the library tokenizer (sentencepiece, HF ...) under megatron-core's text wrapper knows its pieces
+    lib = getattr(tok, "_tokenizer", tok)
     try:
-        return [str(p) for p in tok.ids_to_tokens(list(ids))]
+        return [str(p) for p in lib.ids_to_tokens(list(ids))]
     except (AttributeError, TypeError, KeyError, IndexError):
         return [tok.detokenize([i]) for i in ids]
 

@@ -59,8 +59,8 @@ def check_backend(c: Carried | None, ref_tok: Path, data: dict, skip_bad: bool =
     if c is None:
         return {"status": NONE, "kind": None, "source": None, "tests": {}}
     base = {"kind": c.kind, "source": str(c.named)}
-    if c.kind == "sentencepiece" and c.files and sha256_file(c.files[0]) == sha256_file(ref_tok):
-        return {"status": SAME_FILE, **base, "description": "the reference's tokenizer.model",
+    if c.files == [c.source] and sha256_file(c.source) == sha256_file(ref_tok):  # one file, the reference's
+        return {"status": SAME_FILE, **base, "description": f"the reference's {ref_tok.name}",
                 "tests": {t: {"n_requests": sum(len(r) for r in td.requests), "n_mismatches": 0, "examples": []}
                           for t, td in data.items() if td.docs}}
     try:
@@ -92,10 +92,12 @@ def check_run(plan, data_by_size: dict, skip_bad: bool = False, progress=print) 
             path = result_path(plan.run_dir, size, backend)
             if path.is_file():
                 try:
-                    if read_json(path, "tokenizer check").get("inputs") == inputs:
-                        continue
+                    stored = read_json(path, "tokenizer check")
                 except UserError:
-                    pass  # damaged: recompute
+                    stored = {}  # damaged: recompute
+                # a tokenizer that did not load is tried again: the next run may lack --skip-bad-tokenizers
+                if stored.get("inputs") == inputs and stored.get("status") != NOT_CHECKED:
+                    continue
             say = (lambda m, s=size, b=backend: progress(f"{s}/{b} tokenizer: {m}")) if progress else None
             if inputs not in done:
                 done[inputs] = check_backend(c, ref_tok, data, skip_bad, say)
