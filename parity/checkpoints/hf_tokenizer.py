@@ -93,7 +93,7 @@ def sentencepiece_equivalent(tok: Path):
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
             special_tokens=[(bos, m.trainer_spec.bos_id)])
     t.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
-                          for p in m.pieces if p.type in (CONTROL,) or p.piece == unk])
+                          for p in m.pieces if p.type == CONTROL or p.piece == unk])
     return t
 
 
@@ -102,8 +102,13 @@ def _config(max_len: int, **extra) -> dict:
             "clean_up_tokenization_spaces": False, "model_max_length": max_len}
 
 
+def _copy_model(tok: Path, out: Path) -> None:
+    if Path(tok).resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tok, out / "tokenizer.model")
+
+
 def write_exact(tok: Path, out: Path, max_len: int) -> None:
-    shutil.copyfile(tok, out / "tokenizer.model")
+    _copy_model(tok, out)
     sentencepiece_equivalent(tok).save(str(out / "tokenizer.json"))
     write_json(out / "special_tokens_map.json", SPECIAL)
     write_json(out / "tokenizer_config.json", _config(
@@ -112,7 +117,7 @@ def write_exact(tok: Path, out: Path, max_len: int) -> None:
 
 def write_llama_class(tok: Path, out: Path, max_len: int) -> None:
     """parity's earlier form: transformers builds a tokenizers-backed LlamaTokenizer from tokenizer.model."""
-    shutil.copyfile(tok, out / "tokenizer.model")
+    _copy_model(tok, out)
     write_json(out / "special_tokens_map.json", SPECIAL)
     write_json(out / "tokenizer_config.json", _config(
         max_len, tokenizer_class="LlamaTokenizer", legacy=True, sp_model_kwargs={}))
@@ -129,7 +134,7 @@ def write_hub(tok: Path, out: Path, max_len: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_llama_class(tok, Path(tmp), max_len)
         AutoTokenizer.from_pretrained(tmp).backend_tokenizer.save(str(out / "tokenizer.json"))
-    shutil.copyfile(tok, out / "tokenizer.model")
+    _copy_model(tok, out)
     write_json(out / "special_tokens_map.json", SPECIAL)
     write_json(out / "tokenizer_config.json", _config(
         max_len, tokenizer_class="LlamaTokenizer", legacy=False, sp_model_kwargs={}, padding_side="right"))
