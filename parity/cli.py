@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-core layer spec: local modules (default), or te: Transformer Engine's, as "
                         "Megatron-LM trains with (needs transformer_engine and cuda)")
     p.add_argument("--skip-bad-docs", action="store_true", help="skip malformed documents and count them")
+    p.add_argument("--skip-bad-tokenizers", action="store_true",
+                   help="a backend tokenizer that does not load: note it in the report instead of exit 2")
     p.add_argument("--online", action="store_true", help="fetch datasets from the hub instead of --data-dir")
     p.add_argument("--no-report", action="store_true", help="store results only")
 
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-flips", type=int, help="flipped predictions, any single test")
     p.add_argument("--baseline", help="a stored report.json to compare with")
     p.add_argument("--margin", type=float, help="allowed rise of mean error over the baseline (points)")
+    p.add_argument("--max-tokenizer-mismatches", type=int,
+                   help="requests whose ids differ between a backend's own tokenizer and the reference, "
+                        "any single test (default 0)")
     p.add_argument("--thresholds", help="yaml (default configs/thresholds.yaml when present)")
     p.add_argument("--reference", default=None)
 
@@ -110,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--tests", help="comma-separated test or suite ids")
     p.add_argument("--skip-bad-docs", action="store_true")
+
+    p = _verb(sub, "tokenizers", "parity.tokenizer_check.cli:cli_tokenizers",
+              "compare a tokenizer (HF dir, Megatron checkpoint, file) with the reference on every request")
+    p.add_argument("--reference", required=True, help="the reference tokenizer file (Meta's tokenizer.model)")
+    p.add_argument("--other", required=True, help="HF directory or model id, Megatron checkpoint, or tokenizer file")
+    p.add_argument("--data-dir", help="real data (default: the bundled samples)")
+    p.add_argument("--tests", help="comma-separated test ids (default: all 80)")
+    p.add_argument("--suites", help="comma-separated suite ids")
+    p.add_argument("--limit", type=int, help="at most N documents per test")
+    p.add_argument("--skip-bad-docs", action="store_true")
+    p.add_argument("--max-tokenizer-mismatches", type=int, default=0, help="exit 1 above this, any test")
+    p.add_argument("--json", help="also write the result as json to this file")
 
     p = _verb(sub, "score", "parity.backends.worker:cli_score",
               "low level: run one backend on a job file (what `parity run` launches)")

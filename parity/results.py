@@ -108,6 +108,10 @@ class RunLayout:
     def job(self, size: str, backend: str) -> Path:
         return self.root / "jobs" / f"{size}-{backend}.json"
 
+    def tokenizer_check(self, size: str, backend: str) -> Path:
+        """A backend's own tokenizer against the reference ids (parity.tokenizer_check.in_run)."""
+        return self.root / "tokenizers" / size / f"{backend}.json"
+
 
 def error_path(scores: str | Path) -> Path:
     """Where a worker explains a unit it could not score (next to the scores it would have written)."""

@@ -131,6 +131,7 @@ class Plan:
     data_dir: str | None = None
     limit: int | None = None  # documents per test
     skip_bad_docs: bool = False
+    skip_bad_tokenizers: bool = False  # a backend tokenizer that does not load is noted, not fatal
     online: bool = False  # lm-eval's hub datasets instead of data_dir
     parallel: int = 1  # worker groups side by side
     tokenizer_vocab: dict = field(default_factory=dict)  # size -> vocab of the tokenizer requests use
@@ -170,6 +171,7 @@ def make_plan(args) -> Plan:
     checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
                 args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,
+                skip_bad_tokenizers=args.skip_bad_tokenizers,
                 online=args.online, parallel=parallel, backend_options=options)
 
 
@@ -389,6 +391,8 @@ def execute(plan: Plan, progress=print) -> dict:
     data_by_size = load_test_data(plan)
     timings = {"tasks_s": round(time.perf_counter() - t0, 3)}
     ckpts = {s: {b: c.manifest() for b, c in plan.checkpoints[s].items()} for s in plan.sizes}
+    from parity.tokenizer_check.in_run import check_run  # each backend's own tokenizer vs the reference ids
+    timings["tokenizers_s"] = round(check_run(plan, data_by_size, progress), 3)
 
     units, groups = [], {}
     for size in plan.sizes:

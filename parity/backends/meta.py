@@ -123,7 +123,6 @@ class MetaBackend(Backend):
             return model
 
         self.model = load_in_turns(build_and_load) if self.device.type == "cuda" else build_and_load()
-        del src
         self.model.eval()
         self._cache_tokens = 0
 

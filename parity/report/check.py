@@ -31,9 +31,10 @@ DEFAULT_THRESHOLDS = {
     "max_abs_delta": None,  # nats, any single test
     "delta_growth": 10.0,
     "delta_floor": 0.001,
+    "max_tokenizer_mismatches": 0,  # requests whose ids differ between a backend's tokenizer and the reference
 }
 FLAG_KEYS = {"max_mean_error": "max_mean_error", "max_test_error": "max_test_error",
-             "max_flips": "max_flips", "margin": "margin"}
+             "max_flips": "max_flips", "margin": "margin", "max_tokenizer_mismatches": "max_tokenizer_mismatches"}
 REPO_THRESHOLDS = Path("configs") / "thresholds.yaml"
 
 
@@ -99,6 +100,10 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
                 d = c.get("max_abs_delta")
                 if th["max_abs_delta"] is not None and d is not None and d > th["max_abs_delta"]:
                     fail("max abs delta", s, o, t, f"{d:.3g}", f"{th['max_abs_delta']:.3g}")
+    from parity.tokenizer_check.in_run import failures as tokenizer_failures
+
+    for f in tokenizer_failures(report, th.get("max_tokenizer_mismatches")):
+        fail("tokenizer mismatches", f["size"], f["backend"], f["test"], f["value"], f["limit"])
     if baseline is not None:
         check_same_setup(report, baseline)
         if baseline.get("reference") != report["reference"]:
