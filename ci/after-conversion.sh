@@ -14,4 +14,4 @@ out="${PARITY_CI_OUT:-results/ci-after-conversion}"
 
 parity run --out "$out" --no-report
 parity report "$out"
-parity check "$out" --baseline ci/baseline/report.json
+parity check "$out" --baseline ci/baseline/report.json --explain
