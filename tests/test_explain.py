@@ -41,7 +41,7 @@ def test_explain_cli_names_a_corpus_bug(tmp_path):
     assert rows[0]["name"] == "embed" and rows[-1]["name"] == "logits" and len(rows) == 1 + 2 * 10 + 2
     assert set(rows[0]) == {"name", "layer", "module", "max_abs", "rel_l2", "cosine", "noise", "threshold", "diverged"}
     assert not any(r["diverged"] for r in rows[:rows.index(next(r for r in rows if r["diverged"]))])
-    assert "fp64" in result["noise"]["method"]
+    assert result["noise"]["reference_dtype"] == "fp64" and "fp64" in result["noise"]["method"]  # a fp32 run
     md = (out / "explain.md").read_text()
     assert "| layers.1.mlp_act |" in md and "<- first divergence" in md
     assert (out / "explain.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,7 +18,7 @@ import torch
 from backend_helpers import converted, meta_checkpoint
 from parity.arch import MINI_SIZES, get_size
 from parity.trace.boundaries import boundary_names
-from parity.trace.compare import compare, first_divergence, summary
+from parity.trace.compare import NOISE_REFERENCE, compare, first_divergence, summary
 from parity.trace.corpus import BUGS, applies, expected, make_buggy
 from parity.trace.explain import DEFAULT_TEXT, text_inputs
 from parity.trace.worker import launch_traces
@@ -53,7 +53,7 @@ def traced(tmp_path_factory):
     keys: dict[str, list] = {}
     targets: dict[str, list] = {}
     for size in MINI_SIZES:
-        for d in DTYPES + ["fp64"]:
+        for d in DTYPES + sorted({NOISE_REFERENCE[d] for d in DTYPES} - set(DTYPES)):
             keys.setdefault("meta", []).append(("meta", size, None, d))
             targets.setdefault("meta", []).append((metas[size], d))
         for name, (fmt, tp) in FORMATS.items():
@@ -79,7 +79,7 @@ def traced(tmp_path_factory):
 
 def _rows(traced, name, size, kind, dtype):
     return compare(traced[("meta", size, None, dtype)], traced[(name, size, kind, dtype)],
-                   traced[("meta", size, None, "fp64")], dtype)
+                   traced[("meta", size, None, NOISE_REFERENCE[dtype])], dtype)
 
 
 def test_every_stack_fills_the_same_boundaries(traced):

@@ -2,8 +2,9 @@
 
 Per boundary (all in fp64): max |a - b|, relative L2 = ||a - b|| / ||a|| (a = the reference stack) and
 cosine. The noise a boundary is held against is measured, not assumed: the reference stack in the
-run's dtype against the same stack, on the same request, in fp64 (NOISE_METHOD). Rounding grows with
-depth and differs per kind of boundary, so each boundary gets its own threshold:
+run's dtype against the same stack, on the same request, in a wider dtype (NOISE_REFERENCE: fp64 for
+fp32, fp32 for bf16 / fp16). Rounding grows with depth and differs per kind of boundary, so each
+boundary gets its own threshold:
 
     threshold = NOISE_FACTOR * noise + unit roundoff of the dtype
 
@@ -23,7 +24,10 @@ from parity.errors import UserError
 from parity.trace.boundaries import parse
 
 NOISE_FACTOR = 4.0
-NOISE_METHOD = "reference stack in the run's dtype vs the same stack in fp64, same request"
+# dtype of a run -> the precision its noise is measured against: the next wider one is enough (its own
+# rounding is orders of magnitude smaller) and costs far less memory than fp64 for a bf16 model
+NOISE_REFERENCE = {"fp32": "fp64", "bf16": "fp32", "fp16": "fp32"}
+NOISE_METHOD = "reference stack in the run's dtype vs the same stack in {high}, same request"
 
 
 @dataclass
@@ -73,12 +77,13 @@ def _pair(x: dict, y: dict, name: str, what: str) -> tuple[torch.Tensor, torch.T
 
 
 def compare(ref: dict, other: dict, high: dict, dtype: str) -> list[Row]:
-    """Rows in the reference capture's (forward) order; `high` is the reference stack in fp64."""
+    """Rows in the reference capture's (forward) order; `high` is the reference stack in
+    NOISE_REFERENCE[dtype]."""
     floor = unit_roundoff(dtype)
     rows = []
     for name in ref:
         a, b = _pair(ref, other, name, "two stacks'")
-        h, _ = _pair(high, ref, name, "fp64 reference")
+        h, _ = _pair(high, ref, name, "wider-dtype reference")
         noise = _rel(h, a)
         rel = _rel(a, b)
         threshold = NOISE_FACTOR * noise + floor

@@ -6,8 +6,8 @@
 The request: the documents of a stored run (default: its test with the largest |delta loglik| between
 the two backends, and in it the document with the largest one; all its choices), or a text, or a fixed
 sentence. Each stack is traced by the ordinary worker (parity.trace.worker; torchrun for TP > 1): the
-reference in the run's dtype and in fp64 (the noise, parity.trace.compare), the other in the run's
-dtype. A stored run is explained on the checkpoints it scored: one whose fingerprint changed is refused.
+reference in the run's dtype and in a wider one (the noise: parity.trace.compare), the other in the
+run's dtype. A stored run is explained on the checkpoints it scored: one whose fingerprint changed is refused.
 
 Writes explain.md, explain.json, explain.png into --out (default RUN/explain/<size>-<backend>-<test>-<doc>
 with --run, else results/explain/<size>-<reference>-<backend>) and prints the markdown (or the json).
@@ -25,7 +25,6 @@ from parity.errors import UserError
 from parity.io import atomic_file, write_json
 
 DEFAULT_TEXT = "The capital of France is Paris, and the capital of Italy is Rome. Both cities are old."
-HIGH = "fp64"  # the precision the noise is measured against
 
 
 @dataclass
@@ -141,16 +140,16 @@ def resolved_sides(size: str, backends: list[str], flags: dict, config: str | No
 
 
 # ---------------------------------------------------------------------------------------------- tracing
-def trace(sides: list[Side], inputs: list[list[int]], dtype: str, device: str, launcher: str = "local",
+def trace(sides: list[Side], inputs: list[list[int]], dtype: str, high: str, device: str, launcher: str = "local",
           vocab: int | None = None) -> tuple[dict, dict, dict]:
-    """(reference in dtype, reference in fp64, other in dtype) captures, one worker launch per stack."""
+    """(reference in dtype, reference in `high`, other in dtype) captures, one worker launch per stack."""
     from parity.trace.stacks import stack_trace
     from parity.trace.worker import launch_traces
 
     for s in sides:
         stack_trace(s.backend)  # an untraceable backend: one line before anything is launched
     with tempfile.TemporaryDirectory(prefix="parity-explain-") as tmp:
-        ref, high = launch_traces(sides[0].backend, sides[0].tp, [(sides[0].checkpoint, dtype), (sides[0].checkpoint, HIGH)],
+        ref, high = launch_traces(sides[0].backend, sides[0].tp, [(sides[0].checkpoint, dtype), (sides[0].checkpoint, high)],
                                   inputs, Path(tmp) / "ref", device=device, launcher=launcher, vocab=vocab)
         (other,) = launch_traces(sides[1].backend, sides[1].tp, [(sides[1].checkpoint, dtype)], inputs,
                                  Path(tmp) / "other", device=device, launcher=launcher, vocab=vocab)
@@ -160,18 +159,19 @@ def trace(sides: list[Side], inputs: list[list[int]], dtype: str, device: str, l
 def explain(sides: list[Side], request: Request, dtype: str, device: str, launcher: str = "local",
             vocab: int | None = None, size: str | None = None) -> dict:
     """The explanation as report data (what --json prints)."""
-    from parity.trace.compare import NOISE_FACTOR, NOISE_METHOD, compare, first_divergence, summary
+    from parity.trace.compare import NOISE_FACTOR, NOISE_METHOD, NOISE_REFERENCE, compare, first_divergence, summary
 
-    if dtype == HIGH:
-        raise UserError(f"--dtype {HIGH} is the precision explain measures the noise with; explain a run in "
-                        f"fp32, bf16 or fp16")
+    high = NOISE_REFERENCE.get(dtype)
+    if high is None:
+        raise UserError(f"--dtype {dtype}: explain measures a dtype's noise against a wider one and has none for "
+                        f"{dtype}; explain in {', '.join(NOISE_REFERENCE)}")
     if size is not None:  # before any launch; the worker checks again against the loaded model's own context
         from parity.arch import get_size
         from parity.trace.capture import check_lengths
 
         check_lengths(request.inputs, get_size(size).max_seq_len)
-    ref, high, other = trace(sides, request.inputs, dtype, device, launcher, vocab)
-    rows = compare(ref, other, high, dtype)
+    ref, ref_high, other = trace(sides, request.inputs, dtype, high, device, launcher, vocab)
+    rows = compare(ref, other, ref_high, dtype)
     first = first_divergence(rows)
     return {
         "first_divergence": None if first is None else {"boundary": first.name, "layer": first.layer,
@@ -183,7 +183,8 @@ def explain(sides: list[Side], request: Request, dtype: str, device: str, launch
         "other": {"backend": sides[1].backend, "checkpoint": str(sides[1].checkpoint), "tp": sides[1].tp},
         "request": {"source": request.source, "test": request.test, "doc": request.doc,
                     "tokens": [len(s) for s in request.inputs]},
-        "noise": {"method": NOISE_METHOD, "factor": NOISE_FACTOR,
+        "captured_bytes": sum(t.numel() * t.element_size() for t in other.values()),  # one stack's capture
+        "noise": {"method": NOISE_METHOD.format(high=high), "reference_dtype": high, "factor": NOISE_FACTOR,
                   "rule": "threshold = factor x noise + unit roundoff of the dtype"},
     }
 

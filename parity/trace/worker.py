@@ -3,7 +3,7 @@
 A unit's `requests` file holds the model inputs ({"inputs": [[token ids], ...]}); its output is a
 torch file of boundary name -> canonical tensor (parity.trace.capture), written by rank 0 after every
 rank took part in the capture and its TP gather. A unit may name its own checkpoint and dtype (the
-reference's fp64 noise run, or several converted checkpoints traced by one launch): the backend is
+reference's noise run in a wider dtype, or several converted checkpoints traced by one launch): the backend is
 loaded once per distinct (checkpoint, dtype), in the order the units come.
 """
 
