@@ -18,4 +18,4 @@ read -r device dtype < <(python3 -c 'import json, sys; r = json.load(open(sys.ar
 
 parity run --out "$out" --no-report --device "$device" --dtype "$dtype"
 parity report "$out"
-parity check "$out" --baseline "$baseline"
+parity check "$out" --baseline "$baseline" --explain

@@ -84,6 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "any single test (default 0)")
     p.add_argument("--thresholds", help="yaml (default configs/thresholds.yaml when present)")
     p.add_argument("--reference", default=None)
+    p.add_argument("--explain", action="store_true",
+                   help="on failure, trace the worst test's stacks and name the first divergence (loads models)")
+
+    p = _verb(sub, "explain", "parity.trace.explain:cli_explain",
+              "run two stacks on one request, compare their internals layer by layer, name the first divergence")
+    p.add_argument("--size", help="model size (default: the run's, when it has one)")
+    p.add_argument("--backends", help="two backends, the reference first (default with --run: the run's "
+                                      "reference and its worst backend)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="SIZE:BACKEND=DIR",
+                   help="point one backend at a checkpoint directory (repeatable)")
+    p.add_argument("--config", help="yaml with checkpoint locations (as for `parity run`)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the run's, else fp32 on cpu)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local")
+    p.add_argument("--run", help="a stored run: explain one of its documents on the checkpoints it scored")
+    p.add_argument("--test", help="with --run: the test (default: the largest |delta loglik|)")
+    p.add_argument("--doc", help="with --run: the document id (default: the largest |delta loglik| in the test)")
+    p.add_argument("--text", help="explain this text instead (default without --run: a fixed sentence)")
+    p.add_argument("--out", help="where explain.md/.json/.png go")
+    p.add_argument("--json", action="store_true", help="print the json instead of the markdown table")
 
     p = _verb(sub, "convert", "parity.checkpoints.convert:cli_convert",
               "convert a checkpoint between the meta, hf and megatron formats")

@@ -16,13 +16,17 @@ from parity.errors import UserError
 from parity.io import read_json, write_json
 
 DEVICES = ("cpu", "cuda")
+MODES = ("score", "trace")
 
 
 @dataclass(frozen=True)
 class JobUnit:
     name: str  # the test id
-    requests: str  # jsonl of parity.requests.Request
+    requests: str  # jsonl of parity.requests.Request (trace: json of model inputs, parity.trace.worker)
     output: str  # where rank 0 writes the scores (parity.results.error_path(output) on failure)
+    # trace jobs only (parity.trace.worker): this unit's own checkpoint / dtype instead of the job's
+    checkpoint: str | None = None
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Job:
     vocab_size: int | None = None  # the requests' tokenizer vocabulary (checked against the model's)
     units: list[JobUnit] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # adapter-specific (base.Backend options), e.g. {"spec": "te"}
+    mode: str = "score"  # a MODES key: "score" writes log-likelihoods, "trace" boundary tensors (explain)
 
     def write(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -66,8 +71,13 @@ class Job:
             object.__setattr__(self, "adapter", backend_info(self.backend, f"{where}: backend").adapter)
         if self.device not in DEVICES:
             raise UserError(f"{where}: device {self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"{where}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for dtype in [self.dtype] + [u.dtype for u in self.units if u.dtype is not None]:
+            if dtype not in DTYPES:
+                raise UserError(f"{where}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.mode not in MODES:
+            raise UserError(f"{where}: mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode != "trace" and any(u.checkpoint or u.dtype for u in self.units):
+            raise UserError(f"{where}: only trace units name their own checkpoint or dtype")
         bs = str(self.batch_size)
         if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
             raise UserError(f"{where}: batch_size {bs!r} must be 'auto' or a positive integer")

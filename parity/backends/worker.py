@@ -52,6 +52,10 @@ def run_job(job_path) -> list[str]:
     from parity.requests import read_requests, write_scores
 
     job = Job.read(job_path)
+    if job.mode == "trace":  # `parity explain`: boundary tensors instead of scores
+        from parity.trace.worker import run_trace_job
+
+        return run_trace_job(job)
     pending = [u for u in job.units if not Path(u.output).is_file()]
     if not pending:
         return []
