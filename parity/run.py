@@ -161,7 +161,11 @@ def make_plan(args) -> Plan:
     default_out = "results/default" if not (args.sizes or args.config) else \
         f"results/{'-'.join(sizes)}-{dtype}-{device}"
     run_dir = Path(args.out or run_cfg.get("out") or default_out)
-    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
+    tp = args.tp or run_cfg.get("tp")
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise UserError(f"tp {tp!r}: must be a positive integer")
+    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config,
+                                      tp=tp)
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel}: must be at least 1")
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
