@@ -17,6 +17,7 @@ stages are slices of its rows (megatron_keys). docs/architecture.md, "Checkpoint
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 from typing import NamedTuple
 
@@ -293,7 +294,8 @@ def write_megatron(src: Source, out: Path, tp: int, dtype: torch.dtype | None = 
             d.mkdir(parents=True)
             with atomic_file(d / CKPT_NAME, "wb") as f:
                 torch.save({"model": state, "args": args, "checkpoint_version": 3.0, "iteration": 0}, f)
-            del state  # freed here (no cycles hold tensors): one (rank, stage) in memory at a time
+            del state
+            gc.collect()
     if src.tokenizer is not None:
         import shutil
 
