@@ -11,7 +11,7 @@ import os
 import sys
 
 from parity.backends import BACKENDS, default_backends
-from parity.checkpoints import MARKERS, MEGATRON_SPECS
+from parity.checkpoints import MARKERS, MEGATRON_FORMATS, MEGATRON_SPECS
 from parity.dtypes import DTYPES
 from parity.errors import CheckFailed, UserError
 
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="yaml with checkpoint locations per size and backend (configs/)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="SIZE:BACKEND=DIR",
                    help="point one backend of one size at a checkpoint directory (repeatable)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size of the megatron backend (default: a legacy "
+                                          "checkpoint's shard count, else the size's TP in parity/arch.py); a "
+                                          "torch_dist checkpoint runs at any TP dividing heads, kv groups and ffn")
     p.add_argument("--out", help="results directory (default results/<timestamp>)")
     p.add_argument("--batch-size", default="auto", help="N or auto")
     p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local",
@@ -112,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True)
     p.add_argument("--size", help="size name (checked against the files; default: inferred)")
-    p.add_argument("--target-tp", type=int, help="tensor-parallel size of a megatron output")
+    p.add_argument("--megatron-format", choices=list(MEGATRON_FORMATS),
+                   help="on-disk format of a megatron output: legacy (Megatron-LM --ckpt-format torch, "
+                        "mp_rank_TT[_PPP] files; the default) or torch_dist (megatron-core distributed "
+                        "checkpoint, Megatron-LM's default; loads at any TP). --from megatron reads both")
+    p.add_argument("--target-tp", type=int, help="tensor-parallel size of a legacy megatron output")
+    p.add_argument("--target-pp", type=int, help="pipeline-parallel size of a legacy megatron output "
+                                                 "(layers split evenly, as Megatron-LM does)")
     p.add_argument("--target-files", type=int, help="number of consolidated files of a meta output")
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the output (default: as stored)")
     p.add_argument("--tokenizer", help="tokenizer.model to ship with the output")

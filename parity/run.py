@@ -168,7 +168,11 @@ def make_plan(args) -> Plan:
         f"results/{'-'.join(sizes)}-{dtype}-{device}"
     run_dir = Path(args.out or run_cfg.get("out") or default_out)
     parallel = _parallel(args.parallel, device, args.launcher)
-    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
+    tp = args.tp or run_cfg.get("tp")
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise UserError(f"tp {tp!r}: must be a positive integer")
+    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config,
+                                      tp=tp)
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
                 args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,
                 skip_bad_tokenizers=args.skip_bad_tokenizers,
