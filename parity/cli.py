@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a backend tokenizer that does not load: note it in the report instead of exit 2")
     p.add_argument("--online", action="store_true", help="fetch datasets from the hub instead of --data-dir")
     p.add_argument("--no-report", action="store_true", help="store results only")
+    p.add_argument("--judge", metavar="FP64_RUN",
+                   help="an fp64 run of the same sizes and tests (e.g. `--dtype fp64 --backends meta`): the report "
+                        "gives each backend's distance to exact arithmetic")
 
     p = _verb(sub, "report", "parity.report.cli:cli_report",
               "render markdown / json / csv tables from stored results (no model needed)")
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="reference backend (default: the run's)")
     p.add_argument("--format", default="md,json", help="comma-separated: md,json,csv")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--judge", metavar="FP64_RUN",
+                   help="an fp64 run of the same sizes and tests: each backend's distance to exact arithmetic")
+    p.add_argument("--judge-backend", help="the judge run's backend to measure against (default: its reference)")
 
     p = _verb(sub, "check", "parity.report.check:cli_check",
               "CI gate: exit 1 when a stored run regresses past thresholds or a baseline")

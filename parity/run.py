@@ -163,6 +163,9 @@ def make_plan(args) -> Plan:
     if spec == "te" and device != "cuda":
         raise UserError(f"--megatron-spec te: Transformer Engine runs on cuda only, this run is on {device}; "
                         f"use --megatron-spec local (the default) or --device cuda")
+    if spec == "te" and dtype == "fp64":
+        raise UserError("--megatron-spec te --dtype fp64: Transformer Engine has no fp64 kernels; use "
+                        "--megatron-spec local for the fp64 judge")
     options = {"megatron": {"spec": spec}} if spec != "local" else {}
     default_out = "results/default" if not (args.sizes or args.config) else \
         f"results/{'-'.join(sizes)}-{dtype}-{device}"
@@ -457,7 +460,7 @@ def cli_run(args) -> int:
         if not args.no_report:
             from parity.report import build_report, render_markdown, write_report
 
-            report = build_report(plan.run_dir, reference=plan.reference)
+            report = build_report(plan.run_dir, reference=plan.reference, judge=getattr(args, "judge", None))
             write_report(plan.run_dir, report)
             print(render_markdown(report, details=False))
     print(f"parity: results in {plan.run_dir} ({outcome['timings']['total_s']:.1f}s)", file=sys.stderr)

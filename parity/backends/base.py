@@ -14,7 +14,8 @@ lives here, once, so the three stacks are scored by identical code:
 - "auto" batches are bounded by tokens (linear memory) and, on CUDA, by rows x length^2 for stacks whose
   attention holds the whole score matrix (quadratic memory); a batch that still runs out of GPU memory
   is halved and retried (the same requests, so the same results), and later batches get half the budget;
-- log_softmax in fp32 whatever the compute dtype; results come back in request order.
+- log_softmax in fp32 whatever the compute dtype (fp64 in an fp64 run: the judge keeps its digits);
+  results come back in request order.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class Backend(ABC):
         out = []
         for row, c in enumerate(conts):
             logits = torch.cat([last[None], more[row, :len(c) - 1]]) if len(c) > 1 else last[None]
-            lp = logits.float().log_softmax(-1)
+            lp = _widened(logits, self.dtype).log_softmax(-1)
             target = torch.tensor(c, dtype=torch.long, device=lp.device)
             out.append(Score(float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
         return out
@@ -267,8 +268,8 @@ class Backend(ABC):
                 cols = range(n - span, n)
                 idx = [column[p] for p in cols] if column else list(cols)
                 # log_softmax is row-wise: normalising only these rows gives the numbers of a full one;
-                # fp32 whatever the compute dtype.
-                logprobs = logits[row, idx].float().log_softmax(-1)
+                # fp32 whatever the compute dtype (fp64 stays fp64).
+                logprobs = _widened(logits[row, idx], self.dtype).log_softmax(-1)
                 for i in by_input[k]:
                     cont_len = plan[i][1]
                     cont = torch.tensor(requests[i].continuation[-cont_len:], dtype=torch.long,
@@ -312,6 +313,13 @@ class Backend(ABC):
         if tuple(out.shape) != expect:  # a wiring bug, not bad input: fail loudly
             raise RuntimeError(f"{self.name}: forward returned {tuple(out.shape)}, expected {expect}")
         return out
+
+
+def _widened(logits: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Logits for log_softmax: fp32 at least, fp64 in an fp64 run (the judge), even from a stack that hands
+    back fp32 logits (Meta's `.float()`): a sum of fp32 log-probabilities would cost the judge its digits."""
+    wide = torch.float64 if dtype == "fp64" else torch.float32
+    return logits.to(torch.promote_types(logits.dtype, wide))
 
 
 def shared_context_groups(requests: list[Request], max_length: int) -> tuple[list[list[int]], list[int]]:

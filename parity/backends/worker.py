@@ -59,7 +59,7 @@ def run_job(job_path) -> list[str]:
     pending = [u for u in job.units if not Path(u.output).is_file()]
     if not pending:
         return []
-    check_device_here(job.device, f"{job.size}/{job.backend}".lstrip("/"))
+    check_device_here(job.device, f"{job.size}/{job.backend}".lstrip("/"), job.dtype)
     backend = _construct(job.adapter, job.checkpoint, dict(tp=job.tp, device=job.device, dtype=job.dtype,
                                                            tokenizer_vocab=job.vocab_size, options=job.options))
     writer = backend.rank == 0
