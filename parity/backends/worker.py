@@ -62,6 +62,8 @@ def run_job(job_path) -> list[str]:
     check_device_here(job.device, f"{job.size}/{job.backend}".lstrip("/"), job.dtype)
     backend = _construct(job.adapter, job.checkpoint, dict(tp=job.tp, device=job.device, dtype=job.dtype,
                                                            tokenizer_vocab=job.vocab_size, options=job.options))
+    from parity.floor import applied, batch_size
+
     writer = backend.rank == 0
     failed: list[str] = []
     units = [(u, read_requests(u.requests)) for u in pending]
@@ -70,14 +72,15 @@ def run_job(job_path) -> list[str]:
         print(f"{job.size}/{job.backend}: running on {describe_ran_on(ran_on)}".lstrip("/"), file=sys.stderr,
               flush=True)
     # per-token state (Meta's kv cache) is allocated once, for the largest batch of the whole job
-    backend.reserve(max(backend.largest_batch(r, job.batch) for _, r in units))
+    backend.reserve(max(backend.largest_batch(r, batch_size(u.perturbation, job.batch)) for u, r in units))
     # One bar for the whole job (all its tests): the model is loaded once and scores them in a row.
     with tqdm(total=sum(len(r) for _, r in units), desc=f"{job.size}/{job.backend}".lstrip("/"),
               unit="req", file=sys.stderr, disable=not writer, mininterval=1.0, dynamic_ncols=True) as bar:
         for unit, requests in units:
             bar.set_postfix_str(unit.name, refresh=False)
             backoffs = backend.oom_backoffs
-            scores = backend.loglikelihood(requests, job.batch, progress=bar.update)
+            with applied(unit.perturbation, backend):  # a noise-floor unit: the same math scheduled otherwise
+                scores = backend.loglikelihood(requests, batch_size(unit.perturbation, job.batch), progress=bar.update)
             bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
             if not writer:
                 continue

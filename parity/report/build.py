@@ -189,6 +189,10 @@ def build_report(run_dir, reference: str | None = None, judge=None, judge_backen
     report["tables"] = {o: suite_tables(report, o) for o in others}
     from parity.tokenizer_check.in_run import report_section  # "tokenizers", "tokenizer_mismatches"
     report.update(report_section(run_dir, m))
+    from parity.report.floor import floor_section  # the noise floor (`parity run --noise-floor`), if run
+
+    if (floor := floor_section(run_dir, m, report, rows)) is not None:
+        report["floor"] = floor
     if judge:
         from parity.report.judge import judge_section
 
