@@ -10,6 +10,7 @@ check. `parity run` writes this layout, the workers write scores into it, the re
     RUN/floor/<perturbation>/<size>/<backend>/<test>.jsonl   per-sample lines of a noise-floor unit (parity.floor)
     RUN/scores/floor/<perturbation>/<size>/<backend>/<test>.<inputs>.jsonl   its raw scores
     RUN/jobs/<size>-<backend>.json            the Job a worker ran (parity.jobs), its floor units included
+    RUN/logs/<size>-<backend>.log             everything the worker and its stack printed (appended per launch)
     RUN/.lock                                 held by the one `parity run` writing here
 """
 
@@ -112,6 +113,9 @@ class RunLayout:
 
     def job(self, size: str, backend: str) -> Path:
         return self.root / "jobs" / f"{size}-{backend}.json"
+
+    def log(self, size: str, backend: str) -> Path:
+        return self.root / "logs" / f"{size}-{backend}.log"
 
     def tokenizer_check(self, size: str, backend: str) -> Path:
         """A backend's own tokenizer against the reference ids (parity.tokenizer_check.in_run)."""

@@ -338,13 +338,17 @@ def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], dat
         floor = f" + {n_floor} noise-floor units" if n_floor else ""
         progress(f"{size}/{backend}: scoring {len(units) - n_floor} tests{floor} "
                  f"({sum(len(data[u.test].unique) for u in units)} requests, {ckpt.tp} rank{'s' if ckpt.tp > 1 else ''}{on})")
+        # the stacks' own chatter (deprecation warnings, "> initializing model parallel") goes to the run's log;
+        # the terminal keeps the progress bar, where it runs, and parity's own lines (errors included)
         proc = launch(job_path, ckpt.tp, launcher=plan.launcher, device=plan.device, gpus=gpus, visible=visible,
-                      slot=job_slot(plan, size, backend))
+                      slot=job_slot(plan, size, backend), log=plan.layout.log(size, backend),
+                      show=(f"{size}/{backend}", f"{backend}:", "parity"))
         seconds = time.perf_counter() - t0
     for u in units:
         if proc.returncode != 0 and not scores_path(plan, u).is_file():
             tail = (getattr(proc, "stderr", None) or "").strip().splitlines()[-1:] or [""]
-            u.error = f"worker exited with code {proc.returncode}: {tail[0][:300]}"
+            u.error = (f"worker exited with code {proc.returncode}: {tail[0][:300]} "
+                       f"(its output: {plan.layout.log(size, backend)})")
         finish_unit(plan, u, data[u.test])
     return seconds
 

@@ -113,7 +113,7 @@ def test_report_floor_section_summary_and_check(tmp_path, capsys):
 def test_zero_floor_fails_the_gate_and_a_run_without_floor_is_refused(tmp_path, capsys):
     run = _floor_run(tmp_path / "z", perturb=lambda rows, p: rows)  # perturbations change nothing
     report = build_report(run)
-    assert pair_summary(report, "7b-mini", "hf")["verdict"] == "differs"  # any difference is above a 0 floor
+    assert pair_summary(report, "7b-mini", "hf")["verdict"] == "above"  # any difference is above a 0 floor
     assert main(["check", str(run), "--max-floor-ratio", "1e9", "--max-mean-error", "100"]) == 1
     assert "inf (floor 0" in capsys.readouterr().out
     plain = make_run(tmp_path / "plain", sizes=["7b-mini"], tests=TESTS)

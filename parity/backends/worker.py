@@ -188,13 +188,15 @@ def _torchrun(check: bool = True) -> list[str]:
 
 
 def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu", gpus: int | None = None,
-           visible: list[str] | None = None, slot: int = 0,
-           timeout: float | None = None) -> subprocess.CompletedProcess:
+           visible: list[str] | None = None, slot: int = 0, timeout: float | None = None,
+           log: Path | None = None, show: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run a job in a fresh process group (so no global state leaks between backends); `visible`: the GPUs
     it may use (its CUDA_VISIBLE_DEVICES), from parity.gpus.GpuPool.
 
     stderr is passed through live (the progress bar) and also kept: the returned CompletedProcess
-    carries its last lines in .stderr for error messages."""
+    carries its last lines in .stderr for error messages. With `log`, everything the stacks print (stdout
+    and stderr: deprecation warnings, fairscale's "> initializing model parallel", ...) goes to that file
+    and the terminal gets only the lines (and progress-bar redraws) that start with one of `show`."""
     cmd = launch_command(job_path, nproc, launcher=launcher, device=device, gpus=gpus, slot=slot)
     env = dict(os.environ)
     if visible is not None:
@@ -203,18 +205,28 @@ def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # a nested launch must not inherit a rank
     tail = bytearray()
+    log_file = None
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log, "ab")  # noqa: SIM115 (closed below, after the child and the pump are done)
     # the stacks print to stdout (fairscale, megatron): keep stdout for the report, send theirs to stderr
     try:
-        child_stdout = sys.stderr.fileno()
+        child_stdout = log_file.fileno() if log_file else sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
         child_stdout = subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=child_stdout, stderr=subprocess.PIPE, env=env)
+    shown = _Filter(show) if log_file else None
 
     def pump():  # bytes, not lines: tqdm redraws with \r
         while chunk := os.read(proc.stderr.fileno(), 65536):
-            sys.stderr.buffer.write(chunk) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
-                chunk.decode(errors="replace"))
-            sys.stderr.flush()
+            if log_file:
+                log_file.write(chunk)
+                log_file.flush()
+            out = shown.feed(chunk) if shown else chunk
+            if out:
+                sys.stderr.buffer.write(out) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
+                    out.decode(errors="replace"))
+                sys.stderr.flush()
             tail.extend(chunk)
             del tail[:-20000]
 
@@ -227,5 +239,23 @@ def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu"
         proc.wait()
         raise
     thread.join()
+    if log_file:
+        log_file.close()
     text = tail.decode(errors="replace").replace("\r", "\n")
     return subprocess.CompletedProcess(cmd, rc, "", text)
+
+
+class _Filter:
+    """Keeps the pieces of a byte stream (split after \n or \r, so tqdm's redraws stay whole) that start with
+    one of the prefixes; an unfinished piece waits for the next chunk."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        self.prefixes = tuple(p.encode() for p in prefixes)
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        import re
+
+        pieces = re.split(rb"(?<=[\r\n])", self.pending + chunk)
+        self.pending = pieces.pop() if pieces and not pieces[-1].endswith((b"\r", b"\n")) else b""
+        return b"".join(p for p in pieces if p.lstrip(b"\r\n").startswith(self.prefixes))
