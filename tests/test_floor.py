@@ -178,3 +178,37 @@ def test_noise_floor_refuses_a_backend_that_cannot_rebatch(monkeypatch, tmp_path
             make_plan(args)
     finally:
         BACKENDS.pop("fixed")
+
+
+def test_output_filter_keeps_progress_and_parity_lines():
+    from parity.backends.worker import _Filter
+
+    f = _Filter(("7b-mini/meta", "parity"))
+    out = f.feed(b"> initializing model parallel with size 1\n7b-mini/meta:  10%|#  | 1/9\r7b-mini/me")
+    out += f.feed(b"ta:  20%|## | 2/9\rDeprecationWarning: full scope is deprecated\nparity score: bad input\n")
+    assert out == b"7b-mini/meta:  10%|#  | 1/9\r7b-mini/meta:  20%|## | 2/9\rparity score: bad input\n"
+
+
+def test_noise_floor_run_end_to_end_reused_and_quiet(tmp_path):
+    """A real run with --noise-floor: floor units stored and reported, a second run reuses every unit, the
+    stacks' chatter is in the run's logs and not on the terminal."""
+    from cli_helpers import counts
+
+    out = tmp_path / "run"
+    args = ["run", "--sizes", "7b-mini", "--backends", "meta,megatron", "--tests", "xcopa_en,mmlu_anatomy",
+            "--limit", "2", "--noise-floor", "--out", out]
+    r = run_parity(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["floor"]["perturbations"] == ["batch1", "reversed", "repeat", "threads"]
+    assert len(m["floor"]["units"]) == 2 * 2 * 4 and {u["status"] for u in m["floor"]["units"].values()} == {"done"}
+    assert (out / "floor" / "batch1" / "7b-mini" / "megatron" / "xcopa_en.jsonl").is_file()
+    report = json.loads((out / "report.json").read_text())
+    c = report["comparisons"]["7b-mini"]["megatron"]["xcopa_en"]
+    assert c["floor_max_abs_delta"] is not None and "flips_beyond_floor" in c
+    assert "verdict" in r.stdout and "7b-mini  megatron" in r.stdout and "## BigBench" not in r.stdout
+    for chatter in ("initializing model parallel", "deprecated", "Warning"):
+        assert chatter not in r.stderr, chatter
+    assert "> initializing model parallel" in (out / "logs" / "7b-mini-meta.log").read_text()
+    again = run_parity(*args)
+    assert again.returncode == 0 and counts(again.stderr) == (4 + 16, 0)
