@@ -388,8 +388,13 @@ def write_manifest(plan: Plan, data_by_size: dict, units: list[Unit], ckpts: dic
                     "n_docs": len(td.docs), "n_bad": td.n_bad}
     units_out = dict((previous or {}).get("units") or {})
     floor_out = dict(((previous or {}).get("floor") or {}).get("units") or {})
+    # a floor unit counts only beside the plain unit it was measured against (parity.report.floor)
+    base_out = dict(((previous or {}).get("floor") or {}).get("base_inputs") or {})
+    plain = {unit_key(u.size, u.backend, u.test): u.inputs for u in units if not u.perturbation}
     for u in units:
         (floor_out if u.perturbation else units_out)[u.key] = u.record().to_json()
+        if u.perturbation:
+            base_out[u.key] = plain.get(unit_key(u.size, u.backend, u.test))
     ran = list(((previous or {}).get("floor") or {}).get("perturbations") or [])
     ran += [p for p in plan.perturbations if p not in ran]
     manifest = {
@@ -404,7 +409,7 @@ def write_manifest(plan: Plan, data_by_size: dict, units: list[Unit], ckpts: dic
         "checkpoints": ckpts, "units": units_out, "timings": timings,
     }
     if floor_out:
-        manifest["floor"] = {"perturbations": ran, "units": floor_out}
+        manifest["floor"] = {"perturbations": ran, "units": floor_out, "base_inputs": base_out}
     write_json(plan.layout.manifest, manifest)
 
 

@@ -110,6 +110,17 @@ def test_report_floor_section_summary_and_check(tmp_path, capsys):
     assert main(["check", str(run), "--max-floor-ratio", "1e9", "--max-mean-error", "100"]) == 0
 
 
+def test_a_floor_measured_against_another_plain_unit_is_left_out(tmp_path):
+    run = _floor_run(tmp_path)
+    m = json.loads((run / "manifest.json").read_text())
+    m["floor"]["base_inputs"] = {k: "x" for k in m["floor"]["units"]}  # the plain units' inputs ("x" in the fakes)
+    m["floor"]["base_inputs"]["7b-mini/hf/boolq/batch1"] = "an-older-checkpoint"
+    (run / "manifest.json").write_text(json.dumps(m))
+    per = build_report(run)["floor"]["per"]["7b-mini"]
+    assert set(per["hf"]["boolq"]["by_perturbation"]) == {"repeat"}
+    assert set(per["hf"]["xcopa_en"]["by_perturbation"]) == {"batch1", "repeat"}
+
+
 def test_zero_floor_fails_the_gate_and_a_run_without_floor_is_refused(tmp_path, capsys):
     run = _floor_run(tmp_path / "z", perturb=lambda rows, p: rows)  # perturbations change nothing
     report = build_report(run)

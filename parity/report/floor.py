@@ -72,15 +72,20 @@ def floor_section(run_dir, manifest: dict, report: dict, rows: dict) -> dict | N
     from parity.report.build import read_samples
 
     layout, stored = RunLayout(run_dir), floor.get("units") or {}
+    base_inputs = floor.get("base_inputs")
+    plain = manifest.get("units") or {}
     per: dict = {}
     for (s, b, t), base in rows.items():
         if base is None:
             continue
         perturbed = {}
         for p in perts:
-            rec = stored.get(f"{unit_key(s, b, t)}/{p}")
-            path = layout.samples(s, b, t, p)
-            if rec and UnitRecord.from_json(rec).status is UnitStatus.DONE and path.is_file():
+            key = f"{unit_key(s, b, t)}/{p}"
+            rec, path = stored.get(key), layout.samples(s, b, t, p)
+            # measured against another plain unit (the checkpoint changed since, a run without --noise-floor
+            # rescored it): stale, left out
+            stale = base_inputs is not None and base_inputs.get(key) != (plain.get(unit_key(s, b, t)) or {}).get("inputs")
+            if rec and not stale and UnitRecord.from_json(rec).status is UnitStatus.DONE and path.is_file():
                 perturbed[p] = read_samples(path)
         f = floor_of(base, perturbed)
         if f is not None:
