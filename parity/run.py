@@ -488,6 +488,10 @@ def execute(plan: Plan, progress=print) -> dict:
 
 def cli_run(args) -> int:
     plan = make_plan(args)
+    if getattr(args, "judge", None):  # refused now, not after the scoring
+        from parity.report.judge import check_judge
+
+        check_judge(args.judge)
     with RunLock(plan.run_dir):
         outcome = execute(plan, progress=lambda m: print(m, file=sys.stderr, flush=True))
         if not args.no_report:

@@ -24,16 +24,10 @@ from parity.results import RunLayout
 def judge_section(report: dict, rows: dict, judge_dir, backend: str | None = None) -> dict:
     """report["judge"]: per size and backend of the run, its distance to the judge's fp64 scores
     (rows: (size, backend, test) -> the run's per-sample rows, None where the unit has none)."""
-    from parity.report.build import load_manifest, read_samples
+    from parity.report.build import read_samples
 
     judge_dir = Path(judge_dir)
-    jm = load_manifest(judge_dir)
-    backend = backend or jm["reference"]
-    if jm.get("dtype") != "fp64":
-        raise UserError(f"{judge_dir}: the judge run is {jm.get('dtype')}, not fp64; make one with "
-                        f"`parity run --dtype fp64 --backends {backend} ...` on the same sizes and tests")
-    if backend not in jm["backends"]:
-        raise UserError(f"{judge_dir}: the judge run has no {backend!r} backend (it has {', '.join(jm['backends'])})")
+    backend = check_judge(judge_dir, backend)
     layout = RunLayout(judge_dir)
     per: dict = {}
     compared = 0
@@ -75,6 +69,21 @@ def judge_section(report: dict, rows: dict, judge_dir, backend: str | None = Non
         closest[s] = ranked[0][1] if ranked else None
     return {"run": str(judge_dir), "backend": backend, "dtype": report["run"].get("dtype"), "per": per,
             "closest": closest}
+
+
+def check_judge(judge_dir, backend: str | None = None) -> str:
+    """The judge run must be an fp64 run holding `backend` (default: its reference); returns the backend.
+    `parity run --judge` calls it before scoring anything."""
+    from parity.report.build import load_manifest
+
+    jm = load_manifest(Path(judge_dir))
+    backend = backend or jm["reference"]
+    if jm.get("dtype") != "fp64":
+        raise UserError(f"{judge_dir}: the judge run is {jm.get('dtype')}, not fp64; make one with "
+                        f"`parity run --dtype fp64 --backends {backend} ...` on the same sizes and tests")
+    if backend not in jm["backends"]:
+        raise UserError(f"{judge_dir}: the judge run has no {backend!r} backend (it has {', '.join(jm['backends'])})")
+    return backend
 
 
 def judge_lines(judge: dict) -> list[str]:
