@@ -198,6 +198,10 @@ def test_output_filter_keeps_progress_and_parity_lines():
     out = f.feed(b"> initializing model parallel with size 1\n7b-mini/meta:  10%|#  | 1/9\r7b-mini/me")
     out += f.feed(b"ta:  20%|## | 2/9\rDeprecationWarning: full scope is deprecated\nparity score: bad input\n")
     assert out == b"7b-mini/meta:  10%|#  | 1/9\r7b-mini/meta:  20%|## | 2/9\rparity score: bad input\n"
+    # a warning printed right after a redraw, on the bar's line (transformers' FutureWarning did)
+    bar = b"7b-mini/meta:   0%|          | 0/903 [00:00<?, ?req/s]"
+    assert f.feed(bar + b"[transformers] `past_key_values` is deprecated.\n" + bar + b"  \r") == \
+        bar + b"\n" + bar + b"  \r"
 
 
 def test_noise_floor_run_end_to_end_reused_and_quiet(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -247,15 +248,24 @@ def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu"
 
 class _Filter:
     """Keeps the pieces of a byte stream (split after \n or \r, so tqdm's redraws stay whole) that start with
-    one of the prefixes; an unfinished piece waits for the next chunk."""
+    one of the prefixes; an unfinished piece waits for the next chunk. A warning printed right after a bar
+    redraw lands on the bar's piece: what follows the bar's closing "[...]" is cut off."""
+
+    BAR = re.compile(rb"[^|\r\n]*\|[^|]*\|[^\[\r\n]*\[[^\]]*\]")  # "desc:  10%|##  | 1/9 [00:01<00:09, 1.0req/s, x]"
 
     def __init__(self, prefixes: tuple[str, ...]):
         self.prefixes = tuple(p.encode() for p in prefixes)
         self.pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        import re
-
         pieces = re.split(rb"(?<=[\r\n])", self.pending + chunk)
         self.pending = pieces.pop() if pieces and not pieces[-1].endswith((b"\r", b"\n")) else b""
-        return b"".join(p for p in pieces if p.lstrip(b"\r\n").startswith(self.prefixes))
+        return b"".join(self._bar_only(p) for p in pieces if p.lstrip(b"\r\n").startswith(self.prefixes))
+
+    def _bar_only(self, piece: bytes) -> bytes:
+        m = self.BAR.match(piece.lstrip(b"\r\n"))
+        if m is None:
+            return piece
+        start = len(piece) - len(piece.lstrip(b"\r\n"))
+        rest = piece[start + m.end():]
+        return piece if not rest.strip() else piece[:start + m.end()] + b"\n"
