@@ -89,12 +89,14 @@ def render_summary(report: dict, run_dir=None) -> str:
              f"{run.get('dtype')} on {run.get('device')}, {data}", ""]
     rows = [("size", "backend", "mean error", "flips", "max |dll|", "floor", "ratio", "verdict")]
     rows += summary_rows(report)
+    shown = list(dict.fromkeys(r[7] for r in rows[1:]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) if i < 2 or i == 7 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths))).rstrip())
     floor = report.get("floor")
     lines.append("")
+    lines.append("; ".join(f"{v}: {VERDICTS[v]}" for v in shown))
     if floor:
         lines.append(f"floor = max |delta loglik| of either stack against itself under {', '.join(floor['perturbations'])};"
                      f" ratio = worst test's max |dll| / its floor")
@@ -103,8 +105,8 @@ def render_summary(report: dict, run_dir=None) -> str:
                      "stack's own noise)")
     groups = no_error_groups(report)
     for g in groups:
-        per = ", ".join(f"{len(ts)} ({s})" for s, ts in g["per_size"].items())
-        lines.append(f"no percent error, {g['note']}: {per} tests; left out of the mean")
+        per = ", ".join(f"{len(ts)} test{'s' if len(ts) != 1 else ''} ({s})" for s, ts in g["per_size"].items())
+        lines.append(f"no percent error, {g['note']}: {per}; left out of the mean")
     for m in report["missing"]:
         lines.append(f"{m['status']}: {m['size']}/{m['backend']} ({len(m['tests'])} test"
                      f"{'s' if len(m['tests']) != 1 else ''})" + (f": {m['detail'][:160]}" if m["detail"] else ""))
