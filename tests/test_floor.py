@@ -103,6 +103,9 @@ def test_report_floor_section_summary_and_check(tmp_path, capsys):
     assert "## Noise floor" in md and "### 7b-mini: meta vs megatron" in md
     screen = render_summary(report)
     assert "noise" in screen and "differs" in screen and "floor = max |delta loglik|" in screen
+    assert "tokenizer:" not in screen
+    report["tokenizer_mismatches"] = {"7b-mini": {"hf": {"boolq": 2, "xcopa_en": 0}}}
+    assert "tokenizer: 2 requests of 7b-mini/hf" in render_summary(report)
     # the gate: megatron's ratio fails 50, hf's passes
     assert main(["check", str(run), "--max-floor-ratio", "50", "--max-mean-error", "100"]) == 1
     err = capsys.readouterr().err

@@ -110,6 +110,12 @@ def render_summary(report: dict, run_dir=None) -> str:
     for m in report["missing"]:
         lines.append(f"{m['status']}: {m['size']}/{m['backend']} ({len(m['tests'])} test"
                      f"{'s' if len(m['tests']) != 1 else ''})" + (f": {m['detail'][:160]}" if m["detail"] else ""))
+    for s, by_b in (report.get("tokenizer_mismatches") or {}).items():
+        for b, by_t in (by_b or {}).items():
+            n = sum(v for v in (by_t or {}).values() if isinstance(v, int))
+            if n:
+                lines.append(f"tokenizer: {n} requests of {s}/{b} get other ids from {b}'s own tokenizer "
+                             f"(report.md, Tokenizers)")
     if report.get("judge"):
         j = report["judge"]
         close = ", ".join(f"{b} ({s})" for s, b in j["closest"].items() if b)
