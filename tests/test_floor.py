@@ -8,7 +8,7 @@ import json
 
 import pytest
 from cli_helpers import assert_one_line_error, run_parity
-from report_fakes import make_rows, make_run, read_rows, write_rows
+from report_fakes import make_rows, make_run, read_rows
 
 from parity.cli import main
 from parity.errors import UserError
