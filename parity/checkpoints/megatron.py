@@ -245,9 +245,9 @@ def true_vocab(args: argparse.Namespace, tokenizer: Path | None, where: Path) ->
     if tokenizer is None:
         raise UserError(f"{where}: args.vocab_size is not set and the checkpoint has no tokenizer.model; put "
                         f"the tokenizer.model it was trained with beside {TRACKER}")
-    from parity.tokenizer import load_sp
+    from parity.tokenizer import vocab_size
 
-    return load_sp(tokenizer).vocab_size()
+    return vocab_size(tokenizer)
 
 
 def qkv_rank(src: Source, keys: list[str], tp: int, r: int, dtype: torch.dtype) -> torch.Tensor:
