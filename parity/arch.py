@@ -156,9 +156,9 @@ SIZES.update({f"{b}-chat": dataclasses.replace(SIZES[b], name=f"{b}-chat") for b
 # vocabulary is the real tokenizer's, so the embedding dominates a mini's weights.
 _L3 = dict(family="llama3", rope_theta=LLAMA3_ROPE_THETA, max_seq_len=8192)
 _L31 = dict(_L3, rope_scaling=LLAMA31_SCALING, max_seq_len=131072)
-# 8192: at least rope scaling's original context (transformers warns below it); Meta's reference and HF
-# allocate nothing per position up front, and a mini's longest request is far shorter
-_MINI = dict(n_layers=2, max_seq_len=8192, real=False)
+# Llama 3 minis keep the real context length (transformers warns when 3.1's is not above the scaling's
+# original 8192; no stack allocates per position up front, Meta's rotary table is 2 x length x head_dim/2)
+_MINI = dict(n_layers=2, real=False)
 _LLAMA3 = [
     Size("llama3-8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
          ffn_dim_multiplier=1.3, n_files=1, tp=1, **_L3),
