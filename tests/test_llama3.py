@@ -18,7 +18,7 @@ import torch
 from parity.arch import LLAMA3_MINI_SIZES, LLAMA31_SCALING, SIZES, get_size
 from parity.requests import Request
 from backend_helpers import SHARED_DATA, compare, converted, meta_checkpoint, string_pairs
-from cli_helpers import assert_one_line_error, run_parity
+from parity.cli import main
 
 ATOL = 1e-4  # fp32 logits / log-likelihoods across stacks, as for Llama 2 (test_backends_parity.py)
 SCALED_APART = 1e-2  # scaled vs unscaled rotary must move the logits more than this
@@ -125,7 +125,7 @@ def test_round_trip_bit_exact(mini, tmp_path):
     assert params["use_scaled_rope"] == (s.rope_scaling is not None)
     emb = torch.load(src / "consolidated.00.pth", weights_only=True, mmap=True)["tok_embeddings.weight"]
     assert tuple(emb.shape) == (128256 // s.n_files, s.dim)  # Llama 3 files split the embedding on vocab
-    hf = convert("meta", "hf", src, tmp_path / "hf")
+    hf = converted(src, "hf")  # meta -> hf, shared with the backend tests below
     cfg = json.loads((hf / "config.json").read_text())
     if s.rope_scaling:
         assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -209,6 +209,24 @@ def test_three_backends_agree_on_real_data(llama3_tok):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+def run_parity(*argv) -> tuple[int, str]:
+    """`parity ARGV` in this process (a subprocess costs seconds of imports per call on 2 cores)."""
+    import io
+    from contextlib import redirect_stderr
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, err.getvalue().strip()
+
+
+def assert_one_line_error(r: tuple[int, str], *needles: str) -> None:
+    rc, err = r
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (rc, err)
+    for n in needles:
+        assert n in err, (n, err)
+
+
 def test_family_mismatch_is_one_line(tmp_path):
     """Llama 2 70b and Llama 3 70b have the same shapes: a params.json names its family by its rope."""
     l3 = meta_checkpoint("llama3.1-8b-mini")
