@@ -114,7 +114,7 @@ def test_hf_tokenizer_encodes_like_tiktoken_on_xcopa(llama3_tok, tmp_path):
 # ---------------------------------------------------------------------------------------------- formats
 @pytest.mark.parametrize("mini", LLAMA3_MINI_SIZES)
 def test_round_trip_bit_exact(mini, tmp_path):
-    """meta -> hf -> megatron legacy (Meta's TP) -> megatron torch_dist -> meta: the very same files."""
+    """meta -> hf -> megatron legacy (Meta's TP) [-> megatron torch_dist] -> meta: the very same files."""
     from parity.checkpoints.convert import convert, open_source
     from parity.checkpoints.megatron import read_args
 
@@ -135,8 +135,9 @@ def test_round_trip_bit_exact(mini, tmp_path):
     a = read_args(mg)
     assert (a.rotary_base, a.use_rope_scaling, a.rope_scaling_factor, a.tokenizer_type) == (
         500000, s.rope_scaling is not None, 8.0, "HuggingFaceTokenizer")
-    td = convert("megatron", "megatron", mg, tmp_path / "td", megatron_format="torch_dist")
-    back = convert("megatron", "meta", td, tmp_path / "back")
+    if s.tp == 1:  # torch_dist is written in TP-1 layout from any source: the 8b minis cover it (time)
+        mg = convert("megatron", "megatron", mg, tmp_path / "td", megatron_format="torch_dist")
+    back = convert("megatron", "meta", mg, tmp_path / "back")
     assert open_source("meta", back).spec == open_source("meta", src).spec
     for f in src.iterdir():
         assert f.read_bytes() == (back / f.name).read_bytes(), f.name
@@ -198,8 +199,8 @@ def test_hf_and_megatron_logits_equal_meta(mini, llama3_tok, tmp_path):
 def test_three_backends_agree_on_real_data(llama3_tok):
     from parity.tasks.tokenize import encode_pair
 
-    mini = "llama3.1-70b-mini"
-    reqs = [encode_pair(llama3_tok, c, x) for c, x in string_pairs(n_copa=40, n_mmlu=10)]
+    mini = "llama3.1-8b-mini"  # loaded for the logits test already; TP 8 is covered by the default run
+    reqs = [encode_pair(llama3_tok, c, x) for c, x in string_pairs(n_copa=30, n_mmlu=8)]
     assert all(isinstance(r, Request) and r.context[0] == 128000 for r in reqs)
     ref = backend("meta", mini).loglikelihood(reqs, "auto")
     for kind in ("hf", "megatron"):
