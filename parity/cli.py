@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", help="a sentencepiece tokenizer.model (default: train a small one)")
+    p.add_argument("--tokenizer", help="a tokenizer.model of the size's family (default: Llama 2 sizes train a small "
+                   "sentencepiece one, Llama 3 sizes take llama-models' tiktoken model)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype (Llama-2's files are bf16)")
     p.add_argument("--overwrite", action="store_true")
 

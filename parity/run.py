@@ -211,6 +211,7 @@ def load_test_data(plan: Plan) -> dict[str, dict[str, TestData]]:
     from parity.io import sha256_file
     from parity.tasks.docs import load_docs
     from parity.tasks.tokenize import build_requests
+    from parity.tokenizer import vocab_size
 
     docs_by_test = {}
     for test in plan.tests:
@@ -220,7 +221,7 @@ def load_test_data(plan: Plan) -> dict[str, dict[str, TestData]]:
     for size in plan.sizes:
         ref_tok = tokenizer_path(plan.checkpoints[size][plan.reference].path)
         tok_sha = sha256_file(ref_tok)
-        plan.tokenizer_vocab[size] = _sp_vocab(ref_tok)
+        plan.tokenizer_vocab[size] = vocab_size(ref_tok)
         for backend, ckpt in plan.checkpoints[size].items():
             other = tokenizer_path(ckpt.path)
             if other.is_file() and sha256_file(other) != tok_sha:
@@ -231,12 +232,6 @@ def load_test_data(plan: Plan) -> dict[str, dict[str, TestData]]:
                                for t, ld in docs_by_test.items()}
         per_size[size] = by_tok[tok_sha]
     return per_size
-
-
-def _sp_vocab(path) -> int:
-    from parity.tokenizer import load_sp
-
-    return load_sp(path).get_piece_size()
 
 
 # ---------------------------------------------------------------------------------------------- units

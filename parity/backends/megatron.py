@@ -129,6 +129,10 @@ def build_gpt(args, tp: int, vocab_rows: int, dtype: torch.dtype, device: str, l
         position_embedding_type=getattr(args, "position_embedding_type", "rope"),
         rotary_percent=getattr(args, "rotary_percent", 1.0),
         rotary_base=int(getattr(args, "rotary_base", LLAMA2_ROPE_THETA)),
+        # Llama 3.1 (Megatron-LM --use-rope-scaling); low/high frequency factors and original context are
+        # megatron-core's defaults, which are Llama 3.1's (checkpoints.megatron.rope_of refuses other factors)
+        rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
+        rope_scaling_factor=float(getattr(args, "rope_scaling_factor", None) or 8.0),
     )
 
 

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from parity.arch import LLAMA2_ROPE_THETA, Size
+from parity.arch import Size
 from parity.backends.base import Backend
 from parity.backends.dist import init_distributed, load_in_turns
 from parity.checkpoints.spec import leaf
@@ -99,9 +99,12 @@ class MetaBackend(Backend):
 
         self.vocab_size = vocab
         self.max_length = self.requested_max_length or src.spec.size.max_seq_len
-        # llama_models' own rope_theta default is Llama-3's; Llama-2's params.json does not name it
-        args = ModelArgs(**{"rope_theta": LLAMA2_ROPE_THETA, **params, "vocab_size": vocab},
-                         use_scaled_rope=False, max_seq_len=self.max_length, max_batch_size=1)
+        # the size's rotary (arch: Llama 2 theta 10000, which its params.json does not name while llama_models'
+        # default is Llama 3's; Llama 3.1's use_scaled_rope = llama_models' hard-coded apply_scaling)
+        size = src.spec.size
+        args = ModelArgs(**{**params, "vocab_size": vocab, "rope_theta": size.rope_theta,
+                            "use_scaled_rope": size.rope_scaling is not None,
+                            "max_seq_len": self.max_length, "max_batch_size": 1})
         self.heads_per_rank = src.spec.size.n_heads // mp
         self._kv_shape = (src.spec.size.n_kv_heads // mp, src.spec.size.head_dim)  # per token, on this rank
         # the kv cache holds keys and values of every layer for every batch token

@@ -21,7 +21,7 @@ from parity.checkpoints.spec import Source
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
 from parity.io import atomic_dir
-from parity.tokenizer import load_sp
+from parity.tokenizer import vocab_size
 
 
 
@@ -68,7 +68,7 @@ def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, t
     out_dtype = torch_dtype(dtype)
     if tokenizer is not None:
         tok = Path(tokenizer)
-        n = load_sp(tok).vocab_size()
+        n = vocab_size(tok)
         if n != source.spec.vocab:
             raise UserError(f"{tok}: tokenizer has {n} pieces but the checkpoint's vocab is {source.spec.vocab}")
         source.tokenizer = tok

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from parity.arch import LLAMA2_ROPE_THETA, LLAMA31_SCALING, RopeScaling
 from parity.checkpoints.spec import Source, Spec, match_size, permute, split_layer, unpermute
 from parity.errors import UserError
 from parity.io import read_json, write_json
@@ -64,12 +65,40 @@ def config(spec: Spec, dtype: torch.dtype) -> dict:
         num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads, num_key_value_heads=s.n_kv_heads,
         head_dim=s.head_dim, hidden_act="silu", max_position_embeddings=s.max_seq_len,
         rms_norm_eps=s.norm_eps, rope_theta=s.rope_theta, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=None, attention_bias=False, mlp_bias=False,
+        rope_scaling=s.rope_scaling.hf() if s.rope_scaling else None,
+        bos_token_id=s.fam.bos_id, eos_token_id=s.fam.eos_id, pad_token_id=None, attention_bias=False, mlp_bias=False,
         architectures=["LlamaForCausalLM"], dtype=str(dtype).removeprefix("torch."),
     )
     d = cfg.to_dict()
     d.pop("transformers_version", None)  # keep outputs identical across transformers releases
+    if s.rope_scaling:  # also the keys Meta's Llama 3.1 HF releases carry (transformers 4 reads only these)
+        d.update(rope_theta=s.rope_theta, rope_scaling=s.rope_scaling.hf())
     return d
+
+
+SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_of(cfg: dict, where: Path) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) of a config.json: transformers 5's rope_parameters, or the rope_theta /
+    rope_scaling keys of hub files. Only Llama 3.1's scaling is accepted: Meta's reference hard-codes it
+    (llama_models apply_scaling) and megatron-core takes only its factor, so another one has no stack
+    to be compared with."""
+    params = cfg.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", LLAMA2_ROPE_THETA)))
+    block = params if params.get("rope_type", "default") != "default" else (cfg.get("rope_scaling") or {})
+    kind = block.get("rope_type", block.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    try:
+        scaling = RopeScaling(**{k: type(getattr(LLAMA31_SCALING, k))(block[k]) for k in SCALING_FIELDS})
+    except (KeyError, TypeError, ValueError):
+        scaling = None
+    if kind != "llama3" or scaling != LLAMA31_SCALING:
+        shown = {k: block.get(k) for k in ("rope_type", *SCALING_FIELDS) if k in block}
+        raise UserError(f"{where}: rope scaling {shown} cannot be represented by every stack (Meta's reference "
+                        f"hard-codes llama3 with {LLAMA31_SCALING.hf()}); parity compares only that one")
+    return theta, scaling
 
 
 
@@ -124,7 +153,7 @@ class HfSource(Source):
             size = match_size(cfg_path, dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                               n_heads=cfg["num_attention_heads"],
                               n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                              ffn_dim=cfg["intermediate_size"], size_name=size_name)
+                              ffn_dim=cfg["intermediate_size"], size_name=size_name, rope=rope_of(cfg, cfg_path))
             vocab = cfg["vocab_size"]
         except KeyError as e:
             raise UserError(f"{cfg_path}: config.json lacks {e.args[0]!r}") from None

@@ -15,6 +15,11 @@ that encodes exactly as sentencepiece does, loaded by `AutoTokenizer.from_pretra
   rebuild the pre-tokenizer from its own defaults (transformers 5) and lose the dummy-prefix rule.
 - split_special_tokens: sentencepiece encodes the text "<s>" as characters, never as BOS.
 
+Llama 3's tiktoken model (a tokenizer.model of kind "tiktoken") has one form, "exact" too: tokenizer.json
+from transformers' own TikTokenConverter (byte-level BPE, merges from the ranks, Llama 3's split regex),
+the 256 special tokens at their llama-models ids, BOS <|begin_of_text|> added by the post-processor,
+split_special_tokens (tiktoken, as Meta's encode calls it, encodes a special token's text as text).
+
 "llama-class" is what parity wrote before (tokenizer.model + LlamaTokenizer config) and "hub" the
 layout Meta's HF releases ship (tokenizer.json from transformers' own slow-to-fast conversion +
 LlamaTokenizer config); both are kept to show and test what the tokenizer check finds in them.
@@ -140,14 +145,62 @@ def write_hub(tok: Path, out: Path, max_len: int) -> None:
         max_len, tokenizer_class="LlamaTokenizer", legacy=False, sp_model_kwargs={}, padding_side="right"))
 
 
+def tiktoken_equivalent(tok: Path):
+    """A `tokenizers.Tokenizer` encoding as llama-models' tiktoken Tokenizer does, BOS added (built once per
+    tokenizer.model, then read from the cache: the conversion walks all 128000 ranks)."""
+    from tokenizers import Tokenizer, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from parity.io import atomic_file, cache_dir, sha256_file
+    from parity.tokenizer import load_tokenizer
+
+    cached = cache_dir() / "tokenizers" / f"tiktoken-hf-{sha256_file(tok)[:16]}.json"
+    if cached.is_file():
+        return Tokenizer.from_file(str(cached))
+    meta = load_tokenizer(tok).tok
+    specials = sorted(meta.special_tokens.items(), key=lambda kv: kv[1])
+    t = TikTokenConverter(vocab_file=str(tok), pattern=meta.pat_str,
+                          extra_special_tokens=[name for name, _ in specials]).converted()
+    for name, i in specials:
+        if t.token_to_id(name) != i:
+            raise UserError(f"{tok}: special token {name} lands on id {t.token_to_id(name)}, not {i}, in the "
+                            f"converted tokenizer; the tiktoken model is not Llama 3's layout")
+    bos = meta.special_tokens["<|begin_of_text|>"]
+    t.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|>:0 $A:0", pair="<|begin_of_text|>:0 $A:0 <|begin_of_text|>:1 $B:1",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(cached) as f:
+        f.write(t.to_str())
+    return t
+
+
+LLAMA3_SPECIAL = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+
+
+def write_tiktoken_exact(tok: Path, out: Path, max_len: int) -> None:
+    _copy_model(tok, out)
+    tiktoken_equivalent(tok).save(str(out / "tokenizer.json"))
+    write_json(out / "special_tokens_map.json", LLAMA3_SPECIAL)
+    write_json(out / "tokenizer_config.json", {
+        **LLAMA3_SPECIAL, "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": max_len,
+        "tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": True})
+
+
+# tokenizer.model kind (parity.tokenizer.KINDS) -> form -> writer
 FORMS = {"exact": write_exact, "llama-class": write_llama_class, "hub": write_hub}
+KIND_FORMS = {"sentencepiece": FORMS, "tiktoken": {"exact": write_tiktoken_exact}}
 DEFAULT_FORM = "exact"
 
 
 def write_tokenizer_files(tok: Path, out: Path, max_len: int, form: str = DEFAULT_FORM) -> None:
     """tokenizer.model + the HF tokenizer files of `form` into the directory `out`."""
-    if form not in FORMS:
-        raise UserError(f"unknown HF tokenizer form {form!r}; choose from {', '.join(FORMS)}")
+    from parity.tokenizer import kind_of_file
+
+    forms = KIND_FORMS[kind_of_file(tok)]
+    if form not in forms:
+        raise UserError(f"unknown HF tokenizer form {form!r} for {tok}; choose from {', '.join(forms)}")
     for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (out / stale).unlink(missing_ok=True)
-    FORMS[form](Path(tok), Path(out), max_len)
+    forms[form](Path(tok), Path(out), max_len)

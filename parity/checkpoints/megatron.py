@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from parity.arch import LLAMA2_NORM_EPS
+from parity.arch import LLAMA2_NORM_EPS, LLAMA2_ROPE_THETA, LLAMA31_SCALING, RopeScaling
 from parity.checkpoints import MEGATRON_FORMATS, MEGATRON_SPECS
 from parity.checkpoints.spec import Source, Spec, match_size, permute, split_layer, unpermute
 from parity.errors import UserError
@@ -189,7 +189,9 @@ def make_args(spec: Spec, tp: int, dtype: torch.dtype, pp: int = 1, layer_spec: 
         swiglu=True, bias_swiglu_fusion=False, squared_relu=False, openai_gelu=False,
         untie_embeddings_and_output_weights=True, position_embedding_type="rope",
         use_rotary_position_embeddings=True, add_position_embedding=False,
-        rotary_base=int(s.rope_theta), rotary_percent=1.0, rotary_interleaved=False, use_rope_scaling=False,
+        rotary_base=int(s.rope_theta), rotary_percent=1.0, rotary_interleaved=False,
+        use_rope_scaling=s.rope_scaling is not None,  # Megatron-LM --use-rope-scaling / --rope-scaling-factor
+        rope_scaling_factor=s.rope_scaling.factor if s.rope_scaling else LLAMA31_SCALING.factor,
         add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False,
         attention_dropout=0.0, hidden_dropout=0.0, apply_query_key_layer_scaling=False,
         attention_softmax_in_fp32=True, apply_residual_connection_post_layernorm=False,
@@ -202,10 +204,44 @@ def make_args(spec: Spec, tp: int, dtype: torch.dtype, pp: int = 1, layer_spec: 
         num_experts=None, transformer_impl="transformer_engine" if layer_spec == "te" else "local",
         use_mcore_models=True, use_legacy_models=False,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        tokenizer_type="Llama2Tokenizer", tokenizer_model="tokenizer.model",
+        tokenizer_type=s.fam.megatron_tokenizer_type, tokenizer_model=TOKENIZER_MODEL[s.fam.megatron_tokenizer_type],
         init_method_std=0.02, ckpt_format="torch", iteration=0,
         consumed_train_samples=0, consumed_valid_samples=0,
     )
+
+
+# --tokenizer-model per --tokenizer-type, relative to the checkpoint's top: Llama 2's sentencepiece file;
+# for Llama 3 Megatron-LM's docs use HuggingFaceTokenizer on an HF tokenizer directory (megatron-core has no
+# reader of Meta's tiktoken file), written beside Meta's tokenizer.model by write_tokenizer
+TOKENIZER_MODEL = {"Llama2Tokenizer": "tokenizer.model", "HuggingFaceTokenizer": "tokenizer"}
+
+
+def write_tokenizer(tok: Path, out: Path, spec: Spec) -> None:
+    """tokenizer.model at the top (every format has it there) and, when the args name a directory, the HF
+    tokenizer files in it."""
+    import shutil
+
+    shutil.copyfile(tok, out / "tokenizer.model")
+    name = TOKENIZER_MODEL[spec.size.fam.megatron_tokenizer_type]
+    if name != "tokenizer.model":
+        from parity.checkpoints.hf_tokenizer import write_tokenizer_files
+
+        (out / name).mkdir(exist_ok=True)
+        write_tokenizer_files(tok, out / name, spec.size.max_seq_len)
+
+
+def rope_of(args: argparse.Namespace, where: Path) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) of saved args. megatron-core applies Llama 3.1's scaling with its own defaults
+    for the other three numbers; only factor 8 is what Meta's reference computes."""
+    theta = float(getattr(args, "rotary_base", None) or LLAMA2_ROPE_THETA)
+    if not getattr(args, "use_rope_scaling", False):
+        return theta, None
+    factor = float(getattr(args, "rope_scaling_factor", None) or LLAMA31_SCALING.factor)
+    if factor != LLAMA31_SCALING.factor:
+        raise UserError(f"{where}: rope_scaling_factor {factor:g} cannot be represented by Meta's reference "
+                        f"(llama_models hard-codes Llama 3.1's factor {LLAMA31_SCALING.factor:g}); parity compares "
+                        f"only that one")
+    return theta, LLAMA31_SCALING
 
 
 def check_tp(spec: Spec, tp: int, where: str) -> None:
@@ -245,9 +281,9 @@ def true_vocab(args: argparse.Namespace, tokenizer: Path | None, where: Path) ->
     if tokenizer is None:
         raise UserError(f"{where}: args.vocab_size is not set and the checkpoint has no tokenizer.model; put "
                         f"the tokenizer.model it was trained with beside {TRACKER}")
-    from parity.tokenizer import load_sp
+    from parity.tokenizer import vocab_size
 
-    return load_sp(tokenizer).vocab_size()
+    return vocab_size(tokenizer)
 
 
 def qkv_rank(src: Source, keys: list[str], tp: int, r: int, dtype: torch.dtype) -> torch.Tensor:
@@ -336,9 +372,7 @@ def write_megatron(src: Source, out: Path, tp: int, dtype: torch.dtype | None = 
             del state
             gc.collect()
     if src.tokenizer is not None:
-        import shutil
-
-        shutil.copyfile(src.tokenizer, out / "tokenizer.model")
+        write_tokenizer(src.tokenizer, out, src.spec)
     with atomic_file(out / TRACKER) as f:
         f.write("release")
 
@@ -500,7 +534,8 @@ class MegatronSource(Source):
         self.dir, a, where = files.dir, files.args, files.file(0, 0)
         try:
             size = match_size(where, dim=a.hidden_size, n_layers=a.num_layers, n_heads=a.num_attention_heads,
-                              n_kv_heads=kv_groups(a), ffn_dim=a.ffn_hidden_size, size_name=size_name)
+                              n_kv_heads=kv_groups(a), ffn_dim=a.ffn_hidden_size, size_name=size_name,
+                              rope=rope_of(a, where))
             self.tp, self.padded = files.tp, int(a.padded_vocab_size)
         except AttributeError as e:
             raise UserError(f"{where}: args lack {e.name or e}; not written by Megatron-LM or parity") from None

@@ -1,7 +1,8 @@
-"""Meta's Llama-2 layout: params.json + consolidated.NN.pth (+ tokenizer.model).
+"""Meta's layout (Llama 2 and Llama 3): params.json + consolidated.NN.pth (+ tokenizer.model).
 
 Meta's files are its model-parallel shards: a tensor is either split evenly across the N files along
-one dimension, or replicated in each. FILE_SPLIT_DIM is that rule, written once for reading and writing.
+one dimension, or replicated in each. FILE_SPLIT_DIM is that rule, written once for reading and writing;
+the embedding's dim is the family's (arch.Family.embed_file_dim: Llama 2 model dim, Llama 3 vocab).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from parity.arch import get_size, size_from_params
+from parity.arch import Size, get_size, size_from_params
 from parity.checkpoints.spec import IGNORED_KEYS, Source, Spec, leaf
 from parity.errors import UserError
 from parity.io import atomic_file, load_torch, read_json
 
 # Leaf name -> dim split across the consolidated.NN.pth files (None: replicated in every file).
 FILE_SPLIT_DIM = {
-    "tok_embeddings.weight": 1,       # split on the model dim, not on vocab
+    "tok_embeddings.weight": None,     # the family's embed_file_dim (file_split_dim)
     "norm.weight": None,
     "output.weight": 0,
     "attention.wq.weight": 0,          # column parallel: output rows
@@ -37,7 +38,9 @@ FILE_SPLIT_DIM = {
 FILE_RE = re.compile(r"consolidated\.(\d+)\.pth")
 
 
-def file_split_dim(key: str) -> int | None:
+def file_split_dim(key: str, size: Size) -> int | None:
+    if key == "tok_embeddings.weight":
+        return size.fam.embed_file_dim
     return FILE_SPLIT_DIM[leaf(key)]
 
 
@@ -79,18 +82,22 @@ class MetaSource(Source):
         for p, sd in zip(self.paths, self.shards):
             if not isinstance(sd, dict) or "tok_embeddings.weight" not in sd:
                 raise UserError(f"{p}: missing key 'tok_embeddings.weight'; not a Meta checkpoint shard")
-        vocab = self.params.get("vocab_size", -1)
-        if vocab is None or vocab <= 0:
-            vocab = self.shards[0]["tok_embeddings.weight"].shape[0]
         size = size_from_params(self.params)
         if size_name:
             want = get_size(size_name)
             if (want.dim, want.n_layers, want.n_heads, want.n_kv_heads, want.ffn_dim) != (
                     size.dim, size.n_layers, size.n_heads, size.n_kv_heads, size.ffn_dim):
                 raise UserError(f"{self.dir / 'params.json'}: describes a different model than size {size_name}")
+            if want.rope != size.rope:  # Llama 2 70b and Llama 3 70b share every shape
+                raise UserError(f"{self.dir / 'params.json'}: describes a {size.describe()} model, but size "
+                                f"{size_name} is {want.describe()}; pass the size of this checkpoint's family")
             if n != want.n_files:
                 raise UserError(f"{self.dir}: found {n} consolidated file(s); size {size_name} has {want.n_files}")
             size = want
+        vocab = self.params.get("vocab_size", -1)
+        if vocab is None or vocab <= 0:  # Llama 2 writes -1; its files split the embedding on the model dim
+            rows = self.shards[0]["tok_embeddings.weight"].shape[0]
+            vocab = rows * (n if size.fam.embed_file_dim == 0 else 1)
         self.spec = Spec(size, vocab)
         self.dtype = self.shards[0]["tok_embeddings.weight"].dtype
         tok = self.dir / "tokenizer.model"
@@ -108,7 +115,7 @@ class MetaSource(Source):
                 raise UserError(f"{p}: unexpected key {extra[0]!r}; not a {self.spec.size.name} checkpoint")
         for key in self.spec.keys():
             full = list(self.spec.shape(key))
-            d = file_split_dim(key)
+            d = file_split_dim(key, self.spec.size)
             if d is not None:
                 if full[d] % n:
                     raise UserError(f"{self.dir}: {n} consolidated files cannot hold {key} {tuple(full)} "
@@ -120,13 +127,13 @@ class MetaSource(Source):
                                     f"for {self.spec.size.name} in {n} file(s)")
 
     def get(self, key: str) -> torch.Tensor:
-        d = file_split_dim(key)
+        d = file_split_dim(key, self.spec.size)
         if d is None or len(self.shards) == 1:  # no copy: the mmap'd tensor itself
             return self.shards[0][key]
         return torch.cat([sd[key] for sd in self.shards], dim=d)
 
     def block(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        d = file_split_dim(key)
+        d = file_split_dim(key, self.spec.size)
         if d is None or len(self.shards) == 1:
             return self.shards[0][key].narrow(dim, start, stop - start)
         if d != dim:  # every file holds a strip of the block: cut each, join along the file split
@@ -150,16 +157,17 @@ def load_meta(d: str | Path, mmap: bool = True) -> tuple[dict, dict[str, torch.T
 
 
 def write_params(out: Path, spec: Spec) -> None:
-    """params.json as Meta writes it: one line, vocab_size -1 (the tokenizer decides)."""
+    """params.json as Meta writes it: one line; Llama 2 vocab_size -1 (the tokenizer decides), Llama 3 the
+    vocabulary itself (llama_models' arch_args)."""
     with atomic_file(out / "params.json") as f:
-        f.write(json.dumps(spec.size.params_json(-1)))
+        f.write(json.dumps(spec.size.params_json(spec.vocab if spec.size.family == "llama3" else -1)))
 
 
 def write_meta(src: Source, out: Path, n: int, dtype: torch.dtype | None = None) -> None:
     """Write consolidated.00..n-1.pth, one file at a time: only one file's tensors are held."""
     spec = src.spec
     for key in spec.keys():
-        d = file_split_dim(key)
+        d = file_split_dim(key, spec.size)
         if d is not None and spec.shape(key)[d] % n:
             raise UserError(f"{n} consolidated files cannot split {key} {spec.shape(key)} on dim {d}; "
                             f"choose --target-files dividing it")
@@ -167,7 +175,7 @@ def write_meta(src: Source, out: Path, n: int, dtype: torch.dtype | None = None)
     for r in range(n):
         state = {}
         for key in spec.keys():
-            d = file_split_dim(key)
+            d = file_split_dim(key, spec.size)
             if d is None:
                 t = src.get(key)
             else:  # only file r's block is read from the source

@@ -67,7 +67,6 @@ class Spec:
 
     size: Size
     vocab: int
-
     def layer_keys(self, i: int) -> list[str]:
         return [k.format(i=i) for k in LAYER_KEYS]
 
@@ -96,17 +95,24 @@ class Spec:
 
 
 def match_size(where: Path, *, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int,
-               size_name: str | None = None) -> Size:
-    """The table Size with these shapes (formats other than Meta do not record multiple_of etc.).
+               size_name: str | None = None, rope: tuple | None = None) -> Size:
+    """The table Size with these shapes (formats other than Meta do not record multiple_of etc.) and, when
+    given, this (rope_theta, RopeScaling | None): Llama 2 70b and Llama 3(.1) 70b differ only there.
 
     With `size_name`, that size is checked against the shapes instead.
     """
     found = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim)
     candidates = [get_size(size_name)] if size_name else list(SIZES.values())
-    for s in candidates:
-        if all(getattr(s, k) == v for k, v in found.items()):
+    shaped = [s for s in candidates if all(getattr(s, k) == v for k, v in found.items())]
+    for s in shaped:
+        if rope is None or s.rope == rope:
             return s
     what = ", ".join(f"{k}={v}" for k, v in found.items())
+    if shaped:
+        theta, scaling = rope
+        has = f"rope_theta {theta:g}" + (", scaled rotary (3.1)" if scaling else "")
+        raise UserError(f"{where}: the checkpoint has {has}, but size {shaped[0].name} is {shaped[0].describe()}; "
+                        f"pass the size of this checkpoint's family")
     if size_name:
         raise UserError(f"{where}: the checkpoint ({what}) is not size {size_name}; pass the right --size")
     raise UserError(f"{where}: no size in the table has {what}; add it to parity/arch.py")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from parity.checkpoints import dcp
 from parity.checkpoints.megatron import (BY_META, MEGATRON_KEYS, TP_DIM, TRACKER, Layout, find_tokenizer,
                                          iteration_dir, kv_groups, make_args, megatron_keys, padded_vocab,
-                                         rank_tensor, split_qkv, true_vocab)
+                                         rank_tensor, rope_of, split_qkv, true_vocab, write_tokenizer)
 from parity.checkpoints.spec import Source, Spec, match_size, split_layer
 from parity.errors import UserError
 from parity.io import atomic_file, load_torch, read_json, write_json
@@ -116,7 +115,8 @@ class TorchDistSource(Source):
         a = self.args = common["args"]
         try:
             size = match_size(where, dim=a.hidden_size, n_layers=a.num_layers, n_heads=a.num_attention_heads,
-                              n_kv_heads=kv_groups(a), ffn_dim=a.ffn_hidden_size, size_name=size_name)
+                              n_kv_heads=kv_groups(a), ffn_dim=a.ffn_hidden_size, size_name=size_name,
+                              rope=rope_of(a, where))
         except AttributeError as e:
             raise UserError(f"{where}: args lack {e.name or e}; not written by Megatron-LM or parity") from None
         self.tokenizer = find_tokenizer(self.dir, a)
@@ -239,7 +239,7 @@ def write_torch_dist(src: Source, out: Path, dtype: torch.dtype | None = None) -
                     "num_floating_point_operations_so_far": 0, "content_metadata": dict(CONTENT_METADATA)}, f)
     write_json(base / CONFIG_FILE, CONFIG, indent=None)
     if src.tokenizer is not None:
-        shutil.copyfile(src.tokenizer, out / "tokenizer.model")
+        write_tokenizer(src.tokenizer, out, spec)
     with atomic_file(out / TRACKER) as f:
         f.write("release")
 

@@ -71,8 +71,10 @@ def _megatron(d: Path) -> Carried | None:
     where = d / "latest_checkpointed_iteration.txt"  # the args live in rank 0's file beside it
     settings = {k: v for k, v in vars(args).items()
                 if k.startswith(("tokenizer", "tiktoken")) or k in ("vocab_file", "merge_file", "vocab_size")}
-    return Carried("megatron", d, f if f is not None else where, [f] if f is not None else [], rows, where,
-                   settings)
+    # tokenizer_model is a file (Llama2Tokenizer) or an HF tokenizer directory (HuggingFaceTokenizer, Llama 3)
+    files = [] if f is None else sorted(p for p in f.iterdir() if p.is_file()) if f.is_dir() else [f]
+    files = files or ([f] if f is not None else [])
+    return Carried("megatron", d, f if f is not None else where, files, rows, where, settings)
 
 
 def _meta(d: Path) -> Carried | None:

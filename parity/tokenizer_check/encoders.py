@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from parity.errors import UserError
+from parity.tokenizer import kind_of_file  # noqa: F401 - the one rule, re-exported for the check
 from parity.requests import Request
 
 
@@ -208,15 +209,6 @@ def load(kind: str, source: str | Path, named: Path | None = None) -> Encoder:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{named or source}: the {kind} tokenizer does not load ({type(e).__name__}: "
                         f"{first[:200]})") from None
-
-
-def kind_of_file(path: Path) -> str:
-    """A single tokenizer file: sentencepiece (protobuf) or tiktoken (base64 rank lines)."""
-    head = path.read_bytes()[:256]
-    first = head.split(b"\n", 1)[0].split(b" ")
-    if len(first) == 2 and first[1].strip().isdigit():
-        return "tiktoken"
-    return "sentencepiece"
 
 
 # ---------------------------------------------------------------------------------------- pairs

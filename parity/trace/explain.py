@@ -48,11 +48,11 @@ def _csv(v: str | None) -> list[str]:
 
 
 def text_inputs(text: str, tokenizer: Path) -> list[list[int]]:
-    from parity.tokenizer import load_sp
+    from parity.tokenizer import load_tokenizer
 
-    sp = load_sp(tokenizer)
-    bos = sp.bos_id() if sp.bos_id() >= 0 else 1
-    ids = sp.EncodeAsIds(text)
+    tok = load_tokenizer(tokenizer)
+    bos = tok.bos_id
+    ids = tok.encode(text)
     if not ids:
         raise UserError("--text: the text tokenizes to nothing; give some words")
     return [[bos, *ids]]
@@ -266,7 +266,7 @@ def explain_run_unit(run_dir: Path, size: str, reference: str, other: str, test:
     """Explain one (size, backend, test) of a stored run on the checkpoints it scored."""
     from parity.checkpoints import tokenizer_path
     from parity.report.build import load_manifest
-    from parity.tokenizer import load_sp
+    from parity.tokenizer import vocab_size
 
     manifest = load_manifest(run_dir)
     for b in (reference, other):
@@ -282,7 +282,7 @@ def explain_run_unit(run_dir: Path, size: str, reference: str, other: str, test:
             report = build_report(run_dir, reference=reference)
         test = worst_test(report, size, other)
     request = run_inputs(run_dir, size, reference, other, test, doc)
-    vocab = load_sp(tokenizer_path(sides[0].checkpoint)).get_piece_size()
+    vocab = vocab_size(tokenizer_path(sides[0].checkpoint))
     return explain(sides, request, dtype or manifest.get("dtype") or "fp32", _device(device, manifest, launcher), launcher,
                    vocab, size)
 
@@ -320,7 +320,7 @@ def cli_explain(args) -> int:
     from parity.arch import get_size
     from parity.checkpoints import tokenizer_path
     from parity.config import parse_checkpoint_flags
-    from parity.tokenizer import load_sp
+    from parity.tokenizer import vocab_size
     from parity.trace.stacks import stack_trace
 
     flags = parse_checkpoint_flags(args.checkpoint)
@@ -363,7 +363,7 @@ def cli_explain(args) -> int:
                           f"the fixed sentence {DEFAULT_TEXT!r}")
         device = _device(args.device, None, args.launcher)
         dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
-        result = explain(sides, request, dtype, device, args.launcher, load_sp(tok).get_piece_size(), size)
+        result = explain(sides, request, dtype, device, args.launcher, vocab_size(tok), size)
         out = Path(args.out or Path("results") / "explain" / f"{size}-{backends[0]}-{backends[1]}")
     write_outputs(result, out)
     result["outputs"] = {k: str(out / f"explain.{k}") for k in ("md", "json", "png")}
