@@ -113,7 +113,7 @@ def resolve_checkpoints(sizes: list[str], backends: list[str], flags: dict, cfg:
                     raise UserError(f"{path}: holds a {have} checkpoint but backend {backend} needs "
                                     f"{fmt}; convert it with `parity convert`")
             else:
-                path, origin = _converted(meta_dir, fmt, size), "converted"
+                path, origin = cached_conversion(meta_dir, fmt, size), "converted"
             out[name][backend] = Checkpoint(path, fmt, _parallel(path, fmt), origin)
     return out
 
@@ -131,17 +131,20 @@ def _parallel(path: Path, fmt: str) -> int:
     return 1
 
 
-def _converted(meta_dir: Path, fmt: str, size: arch.Size) -> Path:
-    """meta_dir converted to `fmt` in the cache, keyed by format (backends reading one format share
-    one copy), the Meta files' fingerprint and the converter's source."""
+def cached_conversion(meta_dir: Path, fmt: str, size: arch.Size, tp: int | None = None) -> Path:
+    """meta_dir converted to `fmt` (Megatron at `tp`, default the size's) in the cache, keyed by format
+    (backends reading one format share one copy), the Meta files' fingerprint and the converter's
+    source. The tests get their converted copies here too, so a changed converter is never scored
+    through a conversion the old one wrote."""
     from parity.checkpoints.convert import convert
 
     if not meta_dir.is_dir():
         raise UserError(f"{meta_dir}: Meta checkpoint directory not found")
     key = f"{fingerprint_dir(meta_dir)}-{code_digest('checkpoints/*.py')}"
-    tp = f"-tp{size.tp}" if fmt == "megatron" else ""
-    out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{fmt}{tp}"
+    tp = (tp or size.tp) if fmt == "megatron" else None
+    suffix = f"-tp{tp}" if tp else ""
+    out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{fmt}{suffix}"
     if not out.is_dir():
-        print(f"parity: converting {meta_dir} -> {fmt}{tp} in {out}", file=sys.stderr, flush=True)
-        convert("meta", fmt, meta_dir, out, target_tp=size.tp if fmt == "megatron" else None)
+        print(f"parity: converting {meta_dir} -> {fmt}{suffix} in {out}", file=sys.stderr, flush=True)
+        convert("meta", fmt, meta_dir, out, target_tp=tp)
     return out

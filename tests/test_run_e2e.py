@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,21 @@ def test_small_run_layout_and_determinism(baseline, tmp_path):
     assert (baseline / "report.md").read_bytes() == before
 
 
+def test_tp_above_1_runs_are_byte_identical(tmp_path):
+    """13b-mini end to end under torchrun: Meta's reference at MP 2 and Megatron at TP 2 (gloo all-reduce
+    and all-gather); two independent runs give byte-identical per-sample files. (TP 8, 70b-mini: the
+    repeated launch in tests/test_backends_tp.py.)"""
+    args = ["run", "--sizes", "13b-mini", "--backends", "meta,megatron", "--tests", "boolq,mmlu_anatomy"]
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for out in runs:
+        r = run_parity(*args, "--out", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert {c["tp"] for c in manifest["checkpoints"]["13b-mini"].values()} == {2}
+    assert len(per_sample_digests(runs[0])) == 4
+    assert per_sample_digests(runs[0]) == per_sample_digests(runs[1])
+
+
 @pytest.mark.parametrize("fault, recomputed", [
     # SIGKILL of the megatron worker while it writes its second unit's scores (units run in registry
     # order: undo_permutation, boolq, anatomy): the unit it finished is kept, the other two are rescored.
@@ -67,22 +83,49 @@ def test_killed_run_resumes_to_identical_results(baseline, tmp_path, fault, reco
     out = tmp_path / "run"
     r = run_parity(*SMALL, "--out", str(out), env={"PARITY_FAULT": fault})
     assert r.returncode != 0
+    # Before the rerun (which cleans temp files up): the file being written when the kill came exists
+    # only under its temp name, and every file under a real name is whole.
+    written = fault.partition(":")[2]
+    assert list(out.rglob("*.tmp")), "the kill did not come while a file was being written"
+    finals = [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+    assert not [p for p in finals if written in str(p)]
+    for p in finals:
+        if p.suffix in (".json", ".jsonl"):
+            text = p.read_text()
+            assert text.endswith("\n"), p
+            for line in text.splitlines() if p.suffix == ".jsonl" else [text]:
+                json.loads(line)
     r = run_parity(*SMALL, "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts(r.stderr)[1] == recomputed
     assert per_sample_digests(out) == per_sample_digests(baseline)
-    assert not list(out.rglob("*.tmp"))  # no half-written file survives
+    assert not list(out.rglob("*.tmp"))  # the killed writer's temp file is gone
 
 
 def test_killed_during_conversion_leaves_no_checkpoint(baseline, tmp_path):
-    env = {"PARITY_CACHE": str(tmp_path / "cache")}
+    from parity.checkpoints.synthetic import cached_checkpoint
+    from parity.io import cache_dir
+    from parity.tokenizer import default_tokenizer
+
+    # A cache without conversions; the tokenizer and the synthetic checkpoint are not under test here,
+    # so they are seeded (copies keep their mtimes: the same fingerprint) rather than made again.
+    cache = tmp_path / "cache"
+    for made in (default_tokenizer(), cached_checkpoint("7b-mini")):
+        dst = cache / made.relative_to(cache_dir())
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if made.is_dir() else shutil.copy2)(made, dst)
+    env = {"PARITY_CACHE": str(cache)}
     out = tmp_path / "run"
     r = run_parity(*SMALL, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
     assert r.returncode != 0
-    converted = list((tmp_path / "cache" / "converted").glob("*/megatron-tp1"))
+    converted = list((cache / "converted").glob("*/megatron-tp1"))
     assert converted == []  # the killed conversion left only a temp dir, never a usable-looking one
+    assert list((cache / "converted").glob("*/.megatron-tp1.tmp-*"))  # killed while converting, indeed
     r = run_parity(*SMALL, "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the seeded checkpoint and tokenizer were used, nothing was made again
+    assert [p.name for p in (cache / "checkpoints").iterdir()] == [cached_checkpoint("7b-mini").parent.name]
+    assert [p.name for p in (cache / "tokenizers").iterdir()] == [default_tokenizer().name]
     assert per_sample_digests(out) == per_sample_digests(baseline)
 
 

@@ -2,33 +2,29 @@
 
 Under torchrun the environment (RANK, WORLD_SIZE, MASTER_ADDR ...) is given. A single-process run
 still needs a process group of one, because fairscale and megatron-core look up their groups through
-torch.distributed: we supply that environment ourselves. gloo on CPU, nccl on CUDA.
+torch.distributed: it gets one over an in-memory store, and nothing is put into os.environ (a process
+that loads a backend in-process, a test session, must not hand a rank and a port to the processes it
+starts later). gloo on CPU, nccl on CUDA.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str) -> tuple[int, int]:
     """Initialise the default process group once; returns (rank, world_size)."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # not launched by torchrun: a group of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        backend = "nccl" if device == "cuda" else "gloo"
+        if "RANK" in os.environ:  # launched by torchrun: its environment names the group
+            dist.init_process_group(backend)
+        else:  # a group of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
 
 
