@@ -1,6 +1,7 @@
 """Benchmark: convert a synthetic checkpoint meta -> megatron and measure throughput and peak memory.
 
-    python bench/convert_memory.py [--size 1b-synthetic] [--tp 2] [--tokenizer PATH] [--workdir DIR]
+    python bench/convert_memory.py [--size 1b-synthetic] [--tp 2] [--megatron-format legacy|torch_dist]
+                                   [--tokenizer PATH] [--workdir DIR]
 
 The converter runs as a child process (`python -m parity convert ...`). Its anonymous resident memory
 (RssAnon in /proc/<pid>/status: heap and tensors it allocated, not the page cache of the mmap'd input
@@ -39,7 +40,8 @@ def rss_anon_kb(pid: int) -> int | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--size", default="1b-synthetic")
-    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--tp", type=int, default=2, help="TP of a legacy output (torch_dist has none)")
+    ap.add_argument("--megatron-format", default="legacy", choices=["legacy", "torch_dist"])
     ap.add_argument("--workdir", help="where the output goes (default: a temp dir, removed afterwards)")
     ap.add_argument("--tokenizer", help="tokenizer.model for the synthetic source (default: the project's own, "
                     "vocab 1024; the Llama-2 one, vocab 32000, makes 1b-synthetic ~1.27 B parameters)")
@@ -54,18 +56,23 @@ def main() -> int:
     ckpt_bytes = sum(p.stat().st_size for p in src.glob("consolidated.*.pth"))
 
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="parity-bench-"))
-    out = work / f"{a.size}-megatron-tp{a.tp}"
+    target = f"tp{a.tp}" if a.megatron_format == "legacy" else "torch_dist"
+    out = work / f"{a.size}-megatron-{target}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "parity", "convert", "--from", "meta", "--to", "megatron",
-           "--load-dir", str(src), "--save-dir", str(out), "--target-tp", str(a.tp)]
+           "--megatron-format", a.megatron_format, "--load-dir", str(src), "--save-dir", str(out)]
+    if a.megatron_format == "legacy":
+        cmd += ["--target-tp", str(a.tp)]
     print("running:", " ".join(cmd))
 
     peak = [0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
 
-    def sample():
-        while proc.poll() is None:
+    done = threading.Event()
+
+    def sample():  # not proc.poll(): it would reap the child before wait4 below reads its usage
+        while not done.is_set():
             kb = rss_anon_kb(proc.pid)
             if kb is not None:
                 peak[0] = max(peak[0], kb)
@@ -74,6 +81,7 @@ def main() -> int:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.join()
@@ -88,7 +96,7 @@ def main() -> int:
     anon = peak[0] * 1024
     maxrss = usage.ru_maxrss * 1024
     ratio = anon / ckpt_bytes
-    print(f"size {a.size}, meta -> megatron TP {a.tp}")
+    print(f"size {a.size}, meta -> megatron {a.megatron_format}" + (f" TP {a.tp}" if a.megatron_format == "legacy" else ""))
     print(f"checkpoint   {ckpt_bytes / mb:10.1f} MiB   (output {out_bytes / mb:.1f} MiB)")
     print(f"time         {seconds:10.1f} s     ({ckpt_bytes / mb / seconds:.1f} MB/s, MiB of input per second)")
     print(f"peak RssAnon {anon / mb:10.1f} MiB   = {ratio:.2f} x checkpoint  (target <= {TARGET_RATIO})")

@@ -8,6 +8,7 @@ milliseconds on a CPU. `1b-synthetic` is 7b's shape with 5 layers (~1.27 B param
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -53,8 +54,9 @@ class Size:
         return p
 
     def valid_tp(self, tp: int) -> bool:
-        """TP must split query heads and kv groups evenly (Megatron and fairscale both need it)."""
-        return tp >= 1 and self.n_heads % tp == 0 and self.n_kv_heads % tp == 0
+        """TP must split query heads, kv groups and the ffn width evenly (Megatron and fairscale both
+        need it; 13b's 40 heads allow TP 5, its ffn width 13824 does not)."""
+        return tp >= 1 and self.n_heads % tp == 0 and self.n_kv_heads % tp == 0 and self.ffn_dim % tp == 0
 
 
 def ffn_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:
@@ -82,6 +84,9 @@ SIZES: dict[str, Size] = {s.name: s for s in [
     Size("1b-synthetic", dim=4096, n_layers=5, n_heads=32, n_kv_heads=32, multiple_of=256,
          ffn_dim_multiplier=None, n_files=1, tp=1, real=False),
 ]}
+# Llama-2-Chat (the seed's 7Bf / 13Bf / 70Bf): fine-tuned weights with the base size's shapes, Meta file
+# count and default TP; a size of its own so a config can hold both checkpoints and reports keep them apart.
+SIZES.update({f"{b}-chat": dataclasses.replace(SIZES[b], name=f"{b}-chat") for b in ("7b", "13b", "70b")})
 
 MINI_SIZES = ["7b-mini", "13b-mini", "70b-mini"]
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 from parity.backends import BACKENDS, default_backends
-from parity.checkpoints import MARKERS
+from parity.checkpoints import MARKERS, MEGATRON_FORMATS, MEGATRON_SPECS
 from parity.dtypes import DTYPES
 from parity.errors import CheckFailed, UserError
 
@@ -48,12 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="yaml with checkpoint locations per size and backend (configs/)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="SIZE:BACKEND=DIR",
                    help="point one backend of one size at a checkpoint directory (repeatable)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size of the megatron backend (default: a legacy "
+                                          "checkpoint's shard count, else the size's TP in parity/arch.py); a "
+                                          "torch_dist checkpoint runs at any TP dividing heads, kv groups and ffn")
     p.add_argument("--out", help="results directory (default results/<timestamp>)")
     p.add_argument("--batch-size", default="auto", help="N or auto")
     p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local",
                    help="how tensor-parallel workers are started")
-    p.add_argument("--parallel", type=int, default=1, help="workers run side by side (memory permitting)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="workers run side by side (default: 1 on cpu; on cuda with the local launcher, as many "
+                        "as the GPUs hold, each worker on GPUs of its own)")
+    p.add_argument("--megatron-spec", choices=list(MEGATRON_SPECS), default="local",
+                   help="megatron-core layer spec: local modules (default), or te: Transformer Engine's, as "
+                        "Megatron-LM trains with (needs transformer_engine and cuda)")
     p.add_argument("--skip-bad-docs", action="store_true", help="skip malformed documents and count them")
+    p.add_argument("--skip-bad-tokenizers", action="store_true",
+                   help="a backend tokenizer that does not load: note it in the report instead of exit 2")
     p.add_argument("--online", action="store_true", help="fetch datasets from the hub instead of --data-dir")
     p.add_argument("--no-report", action="store_true", help="store results only")
 
@@ -72,8 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-flips", type=int, help="flipped predictions, any single test")
     p.add_argument("--baseline", help="a stored report.json to compare with")
     p.add_argument("--margin", type=float, help="allowed rise of mean error over the baseline (points)")
+    p.add_argument("--max-tokenizer-mismatches", type=int,
+                   help="requests whose ids differ between a backend's own tokenizer and the reference, "
+                        "any single test (default 0)")
     p.add_argument("--thresholds", help="yaml (default configs/thresholds.yaml when present)")
     p.add_argument("--reference", default=None)
+    p.add_argument("--explain", action="store_true",
+                   help="on failure, trace the worst test's stacks and name the first divergence (loads models)")
+
+    p = _verb(sub, "explain", "parity.trace.explain:cli_explain",
+              "run two stacks on one request, compare their internals layer by layer, name the first divergence")
+    p.add_argument("--size", help="model size (default: the run's, when it has one)")
+    p.add_argument("--backends", help="two backends, the reference first (default with --run: the run's "
+                                      "reference and its worst backend)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="SIZE:BACKEND=DIR",
+                   help="point one backend at a checkpoint directory (repeatable)")
+    p.add_argument("--config", help="yaml with checkpoint locations (as for `parity run`)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: the run's, else fp32 on cpu)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local")
+    p.add_argument("--run", help="a stored run: explain one of its documents on the checkpoints it scored")
+    p.add_argument("--test", help="with --run: the test (default: the largest |delta loglik|)")
+    p.add_argument("--doc", help="with --run: the document id (default: the largest |delta loglik| in the test)")
+    p.add_argument("--text", help="explain this text instead (default without --run: a fixed sentence)")
+    p.add_argument("--out", help="where explain.md/.json/.png go")
+    p.add_argument("--json", action="store_true", help="print the json instead of the markdown table")
 
     p = _verb(sub, "convert", "parity.checkpoints.convert:cli_convert",
               "convert a checkpoint between the meta, hf and megatron formats")
@@ -82,10 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True)
     p.add_argument("--size", help="size name (checked against the files; default: inferred)")
-    p.add_argument("--target-tp", type=int, help="tensor-parallel size of a megatron output")
+    p.add_argument("--megatron-format", choices=list(MEGATRON_FORMATS),
+                   help="on-disk format of a megatron output: legacy (Megatron-LM --ckpt-format torch, "
+                        "mp_rank_TT[_PPP] files; the default) or torch_dist (megatron-core distributed "
+                        "checkpoint, Megatron-LM's default; loads at any TP). --from megatron reads both")
+    p.add_argument("--target-tp", type=int, help="tensor-parallel size of a legacy megatron output")
+    p.add_argument("--target-pp", type=int, help="pipeline-parallel size of a legacy megatron output "
+                                                 "(layers split evenly, as Megatron-LM does)")
     p.add_argument("--target-files", type=int, help="number of consolidated files of a meta output")
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the output (default: as stored)")
     p.add_argument("--tokenizer", help="tokenizer.model to ship with the output")
+    p.add_argument("--megatron-spec", choices=list(MEGATRON_SPECS),
+                   help="tensor names of a megatron output: local (default) or te (Transformer Engine's)")
     p.add_argument("--overwrite", action="store_true")
 
     p = _verb(sub, "make-checkpoint", "parity.checkpoints.synthetic:cli_make_checkpoint",
@@ -103,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--tests", help="comma-separated test or suite ids")
     p.add_argument("--skip-bad-docs", action="store_true")
+
+    p = _verb(sub, "tokenizers", "parity.tokenizer_check.cli:cli_tokenizers",
+              "compare a tokenizer (HF dir, Megatron checkpoint, file) with the reference on every request")
+    p.add_argument("--reference", required=True, help="the reference tokenizer file (Meta's tokenizer.model)")
+    p.add_argument("--other", required=True, help="HF directory or model id, Megatron checkpoint, or tokenizer file")
+    p.add_argument("--data-dir", help="real data (default: the bundled samples)")
+    p.add_argument("--tests", help="comma-separated test ids (default: all 80)")
+    p.add_argument("--suites", help="comma-separated suite ids")
+    p.add_argument("--limit", type=int, help="at most N documents per test")
+    p.add_argument("--skip-bad-docs", action="store_true")
+    p.add_argument("--max-tokenizer-mismatches", type=int, default=0, help="exit 1 above this, any test")
+    p.add_argument("--json", help="also write the result as json to this file")
 
     p = _verb(sub, "score", "parity.backends.worker:cli_score",
               "low level: run one backend on a job file (what `parity run` launches)")

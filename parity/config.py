@@ -85,8 +85,9 @@ def synthetic_meta(size: arch.Size, seed: int = 0) -> Path:
 
 
 def resolve_checkpoints(sizes: list[str], backends: list[str], flags: dict, cfg: dict,
-                        config_path: str | None = None) -> dict[str, dict[str, Checkpoint]]:
-    """Every (size, backend) -> an existing checkpoint directory, converting or synthesising as needed."""
+                        config_path: str | None = None, tp: int | None = None) -> dict[str, dict[str, Checkpoint]]:
+    """Every (size, backend) -> an existing checkpoint directory, converting or synthesising as needed.
+    `tp` (--tp): the megatron backend's tensor-parallel size, else each size's default (see _parallel)."""
     from parity.checkpoints import detect_format
 
     out: dict[str, dict[str, Checkpoint]] = {}
@@ -113,17 +114,29 @@ def resolve_checkpoints(sizes: list[str], backends: list[str], flags: dict, cfg:
                     raise UserError(f"{path}: holds a {have} checkpoint but backend {backend} needs "
                                     f"{fmt}; convert it with `parity convert`")
             else:
-                path, origin = cached_conversion(meta_dir, fmt, size), "converted"
-            out[name][backend] = Checkpoint(path, fmt, _parallel(path, fmt), origin)
+                path, origin = cached_conversion(meta_dir, fmt, size, tp), "converted"
+            out[name][backend] = Checkpoint(path, fmt, _parallel(path, fmt, size, tp), origin)
     return out
 
 
-def _parallel(path: Path, fmt: str) -> int:
-    """The ranks a checkpoint of this format runs with: Megatron's TP shards, Meta's files, else 1."""
+def _parallel(path: Path, fmt: str, size: arch.Size, tp: int | None = None) -> int:
+    """The ranks a checkpoint of this format runs with. Megatron: a legacy checkpoint's TP shards (--tp
+    must agree); a torch_dist checkpoint loads at any valid TP: --tp, else the size's default TP.
+    Meta: its files. Else 1."""
     if fmt == "megatron":
         from parity.checkpoints import megatron
 
-        return megatron.tp_size(path)
+        shards = megatron.tp_size(path)
+        if shards is None:  # torch_dist
+            run_tp = tp or size.tp
+            if not size.valid_tp(run_tp):
+                raise UserError(f"--tp {run_tp}: does not divide the {size.n_heads} heads, {size.n_kv_heads} kv "
+                                f"groups and ffn width {size.ffn_dim} of {size.name}")
+            return run_tp
+        if tp is not None and tp != shards:
+            raise UserError(f"{path}: legacy Megatron checkpoint with {shards} TP shards cannot run at --tp {tp}; "
+                            f"convert it with --target-tp {tp} or --megatron-format torch_dist")
+        return shards
     if fmt == "meta":
         from parity.checkpoints import meta
 
@@ -132,19 +145,19 @@ def _parallel(path: Path, fmt: str) -> int:
 
 
 def cached_conversion(meta_dir: Path, fmt: str, size: arch.Size, tp: int | None = None) -> Path:
-    """meta_dir converted to `fmt` (Megatron at `tp`, default the size's) in the cache, keyed by format
-    (backends reading one format share one copy), the Meta files' fingerprint and the converter's
-    source. The tests get their converted copies here too, so a changed converter is never scored
-    through a conversion the old one wrote."""
+    """meta_dir converted to `fmt` in the cache, keyed by format (backends reading one format share
+    one copy; Megatron: legacy at --tp or the size's TP), the Meta files' fingerprint and the
+    converter's source. The tests get their converted copies here too, so a changed converter is never
+    scored through a conversion the old one wrote."""
     from parity.checkpoints.convert import convert
 
     if not meta_dir.is_dir():
         raise UserError(f"{meta_dir}: Meta checkpoint directory not found")
     key = f"{fingerprint_dir(meta_dir)}-{code_digest('checkpoints/*.py')}"
-    tp = (tp or size.tp) if fmt == "megatron" else None
-    suffix = f"-tp{tp}" if tp else ""
+    target_tp = (tp or size.tp) if fmt == "megatron" else None
+    suffix = f"-tp{target_tp}" if target_tp else ""
     out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{fmt}{suffix}"
     if not out.is_dir():
         print(f"parity: converting {meta_dir} -> {fmt}{suffix} in {out}", file=sys.stderr, flush=True)
-        convert("meta", fmt, meta_dir, out, target_tp=tp)
+        convert("meta", fmt, meta_dir, out, target_tp=target_tp)
     return out

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from parity.errors import UserError
 
-# parity's name -> torch attribute name (also the name transformers' config.json uses)
-DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# parity's name -> torch attribute name (also the name transformers' config.json uses). fp64 is the
+# high-precision run `parity explain` measures a dtype's noise against (every stack runs in it).
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
 def check_dtype(name: str, where: str = "dtype") -> str:

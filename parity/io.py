@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -131,9 +132,26 @@ def _pid_gone(pid: str) -> bool:
     return pid.isdigit() and not Path(f"/proc/{pid}").exists()
 
 
-# Megatron-LM stores its arguments as an argparse.Namespace inside model_optim_rng.pt. That class (and
-# nothing wider) is allowed through weights_only unpickling; torch.dtype values are allowed by default.
-SAFE_GLOBALS = [argparse.Namespace]
+class MegatronEnum:
+    """Stands in for one of megatron-core's enum classes inside Megatron-LM's saved args
+    (attention_backend, model_type, ...): args load without importing megatron-core or running any of
+    its code. Called as the unpickler calls the class, it returns a string naming the member."""
+
+    def __init__(self, qualname: str):
+        self.qualname = qualname
+
+    def __call__(self, value) -> str:
+        return f"{self.qualname.rsplit('.', 1)[-1]}({value!r})"
+
+
+# The megatron-core enums a Megatron-LM 0.16 args Namespace holds (AttnBackend always, ModelType after
+# training, CudaGraphScope with CUDA graphs).
+MEGATRON_ENUMS = ("megatron.core.transformer.enums.AttnBackend", "megatron.core.transformer.enums.CudaGraphScope",
+                  "megatron.core.enums.ModelType")
+# Megatron-LM stores its arguments as an argparse.Namespace inside model_optim_rng.pt / common.pt. That
+# class, the stdlib signal enum (args.exit_signal) and megatron-core's enums by name (as inert stand-ins)
+# are allowed through weights_only unpickling, nothing wider; torch.dtype values are allowed by default.
+SAFE_GLOBALS = [argparse.Namespace, signal.Signals, *[(MegatronEnum(n), n) for n in MEGATRON_ENUMS]]
 
 
 def load_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
@@ -147,7 +165,7 @@ def load_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with _exactly(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to load: the file holds objects other than tensors "
@@ -182,6 +200,24 @@ def verify_zip(path: str | os.PathLike) -> None:
     except (EOFError, OSError, ValueError, NotImplementedError, zlib.error) as e:
         raise UserError(f"{path}: cannot read zip record ({str(e)[:160] or type(e).__name__}); the file is "
                         f"truncated or corrupt") from None
+
+
+@contextlib.contextmanager
+def _exactly(allowed: list) -> Iterator[None]:
+    """torch's allow-list of globals is process-wide: megatron-core widens it at import (PosixPath, numpy
+    arrays, BytesIO, its optimizer config ...) for its own loader, and torch's safe_globals() context
+    removes its entries on exit even when they were registered before. So for parity's loads the list
+    is exactly `allowed`, and whatever was registered before is put back afterwards."""
+    import torch.serialization as ts
+
+    before = ts.get_safe_globals()
+    ts.clear_safe_globals()
+    ts.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        ts.clear_safe_globals()
+        ts.add_safe_globals(before)
 
 
 def _unpickler_reason(e: Exception) -> str:

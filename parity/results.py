@@ -5,6 +5,7 @@ check. `parity run` writes this layout, the workers write scores into it, the re
     RUN/<size>/<backend>/<test>.jsonl         per-sample lines (SAMPLE_FIELDS), what the reporter reads
     RUN/scores/<size>/<backend>/<test>.<inputs>.jsonl   a worker's raw scores, named by the unit's inputs
     RUN/scores/.../<...>.jsonl.error.json     a worker's error for that unit (instead of scores)
+    RUN/scores/.../<...>.jsonl.ran.json       where the worker scored it (device, GPUs, hosts: UnitRecord.ran_on)
     RUN/requests/<size>/<test>.<digest>.jsonl the token-id requests of a test, named by their digest
     RUN/jobs/<size>-<backend>.json            the Job a worker ran (parity.jobs)
     RUN/.lock                                 held by the one `parity run` writing here
@@ -47,6 +48,8 @@ class UnitRecord:
     error: str | None = None
     seconds: float | None = None
     inputs: str | None = None  # hash of everything that determines the unit's numbers
+    ran_on: dict | None = None  # what the worker actually ran on (base.Backend.ran_on(): device, dtype,
+    #                             ranks, hosts, GPU models; adapter details such as megatron's spec)
 
     def to_json(self) -> dict:
         return asdict(self) | {"status": self.status.value}
@@ -57,7 +60,21 @@ class UnitRecord:
             status = UnitStatus(d.get("status"))
         except ValueError:
             status = UnitStatus.NOT_RUN
-        return cls(status, d.get("error"), d.get("seconds"), d.get("inputs"))
+        ran_on = d.get("ran_on")
+        return cls(status, d.get("error"), d.get("seconds"), d.get("inputs"),
+                   ran_on if isinstance(ran_on, dict) else None)
+
+
+def describe_ran_on(ran_on: dict | None) -> str:
+    """One line for a UnitRecord.ran_on, e.g. "cuda (8 x NVIDIA H200), bf16, 8 ranks on node1, spec local"."""
+    if not ran_on:
+        return "unknown"
+    gpus = ", ".join(f"{n} x {name}" for name, n in (ran_on.get("gpus") or {}).items())
+    ranks = ran_on.get("ranks", 1)
+    extra = "".join(f", {k} {v}" for k, v in ran_on.items()
+                    if k not in ("device", "gpus", "dtype", "ranks", "hosts") and v not in (0, None, {}))
+    return (f"{ran_on.get('device')}{f' ({gpus})' if gpus else ''}, {ran_on.get('dtype')}, {ranks} rank"
+            f"{'s' if ranks != 1 else ''} on {', '.join(ran_on.get('hosts') or ['?'])}{extra}")
 
 
 def unit_key(size: str, backend: str, test: str) -> str:
@@ -91,16 +108,25 @@ class RunLayout:
     def job(self, size: str, backend: str) -> Path:
         return self.root / "jobs" / f"{size}-{backend}.json"
 
+    def tokenizer_check(self, size: str, backend: str) -> Path:
+        """A backend's own tokenizer against the reference ids (parity.tokenizer_check.in_run)."""
+        return self.root / "tokenizers" / size / f"{backend}.json"
+
 
 def error_path(scores: str | Path) -> Path:
     """Where a worker explains a unit it could not score (next to the scores it would have written)."""
     return Path(f"{scores}.error.json")
 
 
+def ran_path(scores: str | Path) -> Path:
+    """Where a worker records what it scored a unit on (next to the scores)."""
+    return Path(f"{scores}.ran.json")
+
+
 def check_format(manifest: object, path: Path) -> None:
     """Results written by another results format are refused, never misread."""
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != RESULTS_FORMAT:
-        raise UserError(f"{path}: results from an incompatible parity version (format {fmt}, this parity "
+        raise UserError(f"{path}: results from an incompatible version of parity (format {fmt}, this parity "
                         f"reads and writes {RESULTS_FORMAT}); rerun `parity run` into a new --out directory, "
                         f"or use the parity version that wrote it")

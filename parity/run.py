@@ -1,14 +1,16 @@
 """`parity run`: tasks -> requests -> one worker per (size, backend) -> per-sample files -> report.
 
 Resumability: a unit is one (size, backend, test). Its identity ("inputs") is a hash of everything that
-determines its numbers: backend, checkpoint fingerprint, parallel size, dtype, device and the request
-ids. Workers write each unit's raw scores atomically under scores/, named by that hash, as soon as the
-unit is done; a repeated run reuses every unit whose inputs are unchanged and launches workers only for
-the rest. Nothing computed is thrown away, and nothing stale is silently reused.
+determines its numbers: backend, checkpoint fingerprint, parallel size, dtype, device, the request
+ids, and backend options that are not the default (megatron's layer spec). Workers write each unit's raw
+scores atomically under scores/, named by that hash, as soon as the unit is done; a repeated run reuses
+every unit whose inputs are unchanged and launches workers only for the rest. Nothing computed is
+thrown away, and nothing stale is silently reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import hashlib
@@ -27,10 +29,12 @@ from parity import RESULTS_FORMAT, __version__, arch
 from parity.backends import backend_info, default_backends
 from parity.config import load_config, parse_checkpoint_flags, resolve_checkpoints
 from parity.errors import UserError
+from parity.gpus import GpuPool, default_device, visible_gpus, worker_gpus
 from parity.io import read_json, write_json, write_jsonl
 from parity.jobs import Job, JobUnit
 from parity.requests import Request, read_scores, write_requests
-from parity.results import RunLayout, UnitRecord, UnitStatus, check_format, error_path, unit_key
+from parity.results import (RunLayout, UnitRecord, UnitStatus, check_format, describe_ran_on, error_path, ran_path,
+                            unit_key)
 
 VERSIONED = ["torch", "transformers", "megatron-core", "llama-models", "lm-eval", "fairscale"]
 
@@ -102,13 +106,14 @@ class Unit:
     status: UnitStatus = UnitStatus.PENDING
     error: str | None = None
     seconds: float | None = None
+    ran_on: dict | None = None
 
     @property
     def key(self) -> str:
         return unit_key(self.size, self.backend, self.test)
 
     def record(self) -> UnitRecord:
-        return UnitRecord(self.status, self.error, self.seconds, self.inputs)
+        return UnitRecord(self.status, self.error, self.seconds, self.inputs, self.ran_on)
 
 
 @dataclass
@@ -126,19 +131,15 @@ class Plan:
     data_dir: str | None = None
     limit: int | None = None  # documents per test
     skip_bad_docs: bool = False
+    skip_bad_tokenizers: bool = False  # a backend tokenizer that does not load is noted, not fatal
     online: bool = False  # lm-eval's hub datasets instead of data_dir
     parallel: int = 1  # worker groups side by side
     tokenizer_vocab: dict = field(default_factory=dict)  # size -> vocab of the tokenizer requests use
+    backend_options: dict = field(default_factory=dict)  # backend -> its non-default options (Job.options)
 
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.run_dir)
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_plan(args) -> Plan:
@@ -156,17 +157,39 @@ def make_plan(args) -> Plan:
         raise UserError(f"reference backend {reference!r} is not among --backends {','.join(backends)}")
     data_dir = args.data_dir or run_cfg.get("data_dir")
     tests = resolve_tests(_csv(args.tests), _csv(args.suites), data_dir=data_dir)
-    device = args.device or run_cfg.get("device") or _default_device()
+    device = args.device or run_cfg.get("device") or default_device(args.launcher)
     dtype = args.dtype or run_cfg.get("dtype") or ("bf16" if device == "cuda" else "fp32")
+    spec = getattr(args, "megatron_spec", None) or "local"
+    if spec == "te" and device != "cuda":
+        raise UserError(f"--megatron-spec te: Transformer Engine runs on cuda only, this run is on {device}; "
+                        f"use --megatron-spec local (the default) or --device cuda")
+    options = {"megatron": {"spec": spec}} if spec != "local" else {}
     default_out = "results/default" if not (args.sizes or args.config) else \
         f"results/{'-'.join(sizes)}-{dtype}-{device}"
     run_dir = Path(args.out or run_cfg.get("out") or default_out)
-    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config)
-    if args.parallel < 1:
-        raise UserError(f"--parallel {args.parallel}: must be at least 1")
+    parallel = _parallel(args.parallel, device, args.launcher)
+    tp = args.tp or run_cfg.get("tp")
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise UserError(f"tp {tp!r}: must be a positive integer")
+    checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config,
+                                      tp=tp)
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
                 args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,
-                online=args.online, parallel=args.parallel)
+                skip_bad_tokenizers=args.skip_bad_tokenizers,
+                online=args.online, parallel=parallel, backend_options=options)
+
+
+def _parallel(requested: int | None, device: str, launcher: str) -> int:
+    """Workers side by side: as asked; by default 1, or on cuda with the local launcher one per visible GPU
+    (the GPU pool then runs as many as have GPUs of their own)."""
+    if requested is not None and requested < 1:
+        raise UserError(f"--parallel {requested}: must be at least 1")
+    if device == "cuda" and launcher == "torchrun" and (requested or 1) > 1:
+        raise UserError(f"--parallel {requested} with --launcher torchrun: every node runs every job on its own "
+                        f"GPUs, so jobs side by side would share them; use --parallel 1")
+    if requested is not None:
+        return requested
+    return max(1, len(visible_gpus())) if device == "cuda" and launcher == "local" else 1
 
 
 def load_test_data(plan: Plan) -> dict[str, dict[str, TestData]]:
@@ -205,8 +228,10 @@ def _sp_vocab(path) -> int:
 
 # ---------------------------------------------------------------------------------------------- units
 def unit_inputs(backend: str, ckpt: dict, plan: Plan, td: TestData) -> str:
-    blob = json.dumps([RESULTS_FORMAT, backend, ckpt["fingerprint"], ckpt["tp"], plan.dtype, plan.device,
-                       td.digest], separators=(",", ":"))
+    fields = [RESULTS_FORMAT, backend, ckpt["fingerprint"], ckpt["tp"], plan.dtype, plan.device, td.digest]
+    if options := plan.backend_options.get(backend):  # only non-default options: default units keep their hash
+        fields.append(options)
+    blob = json.dumps(fields, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -244,6 +269,8 @@ def finish_unit(plan: Plan, u: Unit, td: TestData) -> None:
             return
         write_jsonl(sample_path(plan, u), per_sample_rows(td, scores))
         u.status, u.error = UnitStatus.DONE, None
+        ran = ran_path(raw)
+        u.ran_on = read_json(ran, "worker record") if ran.is_file() else None
     elif err.is_file():
         info = read_json(err)
         u.status, u.error = UnitStatus.FAILED, info.get("error", "worker error")
@@ -255,8 +282,22 @@ def finish_unit(plan: Plan, u: Unit, td: TestData) -> None:
         u.error = u.error or "worker produced no results"
 
 
+def group_gpus(plan: Plan, size: str, backend: str, available: int | None) -> int:
+    """GPUs the (size, backend) worker gets on cuda (parity.gpus.worker_gpus); `available`: the pool's
+    size (None: the launcher's allocation decides, e.g. slurm)."""
+    from parity.backends.dist import ranks_share_gpus
+
+    return worker_gpus(backend_info(backend).gpus, plan.checkpoints[size][backend].tp, arch.get_size(size).tp,
+                       available, ranks_share_gpus())
+
+
+def job_slot(plan: Plan, size: str, backend: str) -> int:
+    """The (size, backend) job's number in the plan: the same on every node of a multi-node run."""
+    return plan.sizes.index(size) * len(plan.backends) + plan.backends.index(backend)
+
+
 def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], data: dict[str, TestData],
-                     progress) -> float:
+                     progress, pool: GpuPool | None = None) -> float:
     from parity.backends.worker import launch
 
     ckpt = plan.checkpoints[size][backend]
@@ -268,14 +309,19 @@ def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], dat
         job_units.append(JobUnit(u.test, str(req_path), str(scores_path(plan, u))))
     job = Job(backend=backend, adapter=backend_info(backend).adapter, checkpoint=str(ckpt.path), tp=ckpt.tp,
               device=plan.device, dtype=plan.dtype, batch_size=plan.batch_size, size=size,
-              vocab_size=plan.tokenizer_vocab.get(size), units=job_units)
+              vocab_size=plan.tokenizer_vocab.get(size), units=job_units,
+              options=plan.backend_options.get(backend, {}))
     job_path = plan.layout.job(size, backend)
     job.write(job_path)
-    t0 = time.perf_counter()
-    progress(f"{size}/{backend}: scoring {len(units)} tests ({sum(len(data[u.test].unique) for u in units)} "
-             f"requests, {ckpt.tp} rank{'s' if ckpt.tp > 1 else ''})")
-    proc = launch(job_path, ckpt.tp, launcher=plan.launcher, device=plan.device)
-    seconds = time.perf_counter() - t0
+    gpus = group_gpus(plan, size, backend, pool.size if pool else None) if plan.device == "cuda" else None
+    with (pool.lease(gpus) if pool else contextlib.nullcontext(None)) as visible:
+        t0 = time.perf_counter()
+        on = f", GPUs {','.join(visible)}" if visible else ""
+        progress(f"{size}/{backend}: scoring {len(units)} tests ({sum(len(data[u.test].unique) for u in units)} "
+                 f"requests, {ckpt.tp} rank{'s' if ckpt.tp > 1 else ''}{on})")
+        proc = launch(job_path, ckpt.tp, launcher=plan.launcher, device=plan.device, gpus=gpus, visible=visible,
+                      slot=job_slot(plan, size, backend))
+        seconds = time.perf_counter() - t0
     for u in units:
         if proc.returncode != 0 and not scores_path(plan, u).is_file():
             tail = (getattr(proc, "stderr", None) or "").strip().splitlines()[-1:] or [""]
@@ -349,6 +395,8 @@ def execute(plan: Plan, progress=print) -> dict:
     data_by_size = load_test_data(plan)
     timings = {"tasks_s": round(time.perf_counter() - t0, 3)}
     ckpts = {s: {b: c.manifest() for b, c in plan.checkpoints[s].items()} for s in plan.sizes}
+    from parity.tokenizer_check.in_run import check_run  # each backend's own tokenizer vs the reference ids
+    timings["tokenizers_s"] = round(check_run(plan, data_by_size, progress), 3)
 
     units, groups = [], {}
     for size in plan.sizes:
@@ -361,7 +409,7 @@ def execute(plan: Plan, progress=print) -> dict:
                 if not td.docs:
                     u.status, u.error = UnitStatus.NO_DATA, td.source
                 elif prev.inputs == u.inputs and prev.status is UnitStatus.DONE and sample_path(plan, u).is_file():
-                    u.status, u.seconds = UnitStatus.DONE, prev.seconds
+                    u.status, u.seconds, u.ran_on = UnitStatus.DONE, prev.seconds, prev.ran_on
                 elif scores_path(plan, u).is_file():
                     finish_unit(plan, u, td)  # scored before an interruption: only assemble
                 else:
@@ -370,18 +418,25 @@ def execute(plan: Plan, progress=print) -> dict:
     progress(f"parity: {len(units)} units ({len(plan.sizes)} sizes x {len(plan.backends)} backends x "
              f"{len(plan.tests)} tests), {n_cached} reused, {sum(len(g) for g in groups.values())} to score, "
              f"results in {plan.run_dir}")
+    gpu_pool = None
+    if plan.device == "cuda" and plan.launcher == "local" and groups:
+        gpu_pool = GpuPool(visible_gpus())
+        for size, backend in groups:  # refused now, not after the sizes before it were scored
+            gpu_pool.check(group_gpus(plan, size, backend, gpu_pool.size), f"{size}/{backend}")
     write_manifest(plan, data_by_size, units, ckpts, timings, previous)
 
     finished = []
 
     def work(key):
         size, backend = key
-        secs = run_worker_group(plan, size, backend, groups[key], data_by_size[size], progress)
+        secs = run_worker_group(plan, size, backend, groups[key], data_by_size[size], progress, gpu_pool)
         timings[f"{size}/{backend}_s"] = round(secs, 3)
         done = sum(u.status is UnitStatus.DONE for u in groups[key])
         finished.append(key)
+        ran = next((u.ran_on for u in groups[key] if u.ran_on), None)
         progress(f"[{len(finished)}/{len(groups)}] {size}/{backend}: {done}/{len(groups[key])} tests done "
-                 f"in {secs:.1f}s ({time.perf_counter() - t_start:.0f}s elapsed)")
+                 f"in {secs:.1f}s ({time.perf_counter() - t_start:.0f}s elapsed)"
+                 + (f" on {describe_ran_on(ran)}" if ran else ""))
         return key
 
     with ThreadPoolExecutor(max_workers=plan.parallel) as pool:

@@ -152,3 +152,20 @@ def test_loglik_drift_without_flips_fails_against_baseline(good, tmp_path, capsy
     y.write_text("max_abs_delta: 0.01\n")
     assert main(["check", str(bad), "--thresholds", str(y)]) == 1
     assert "7b-mini/megatron/xcopa_en (max abs delta)" in capsys.readouterr().err
+
+
+def test_baseline_of_another_device_or_dtype_is_refused(good, tmp_path, capsys):
+    """A cuda/bf16 run scores differently by design: comparing it with a cpu/fp32 baseline would report
+    false regressions, so it is refused with one line (exit 2)."""
+    gpu = tmp_path / "gpu"
+    shutil.copytree(good, gpu)
+    manifest = json.loads((gpu / "manifest.json").read_text())
+    manifest.update(device="cuda", dtype="bf16")
+    (gpu / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["check", str(gpu), "--baseline", str(good / "report.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "baseline was made on cpu/fp32 but this run is cuda/bf16" in err and "--device cpu --dtype fp32" in err
+    assert main(["check", str(gpu)]) == 0  # without a baseline: thresholds only
+    committed = json.loads((Path(__file__).parents[1] / "ci" / "baseline" / "report.json").read_text())["run"]
+    assert (committed["device"], committed["dtype"]) == ("cpu", "fp32")  # what ci/after-conversion.sh pins

@@ -170,7 +170,7 @@ def test_unusable_run_dirs(tmp_path, capsys):
     assert f"{tmp_path / 'absent'}: results directory not found" in capsys.readouterr().err
     run = make_run(tmp_path / "old", fmt=0)
     assert main(["report", str(run)]) == 2
-    assert "results from an incompatible parity version (format 0" in capsys.readouterr().err
+    assert "results from an incompatible version of parity (format 0" in capsys.readouterr().err
     run = make_run(tmp_path / "bad")
     (run / "7b-mini" / "hf" / "boolq.jsonl").write_text('{"doc_id": "0"}\nnot json\n')
     with pytest.raises(UserError, match=r"boolq.jsonl: line 1 lacks request_hashes"):

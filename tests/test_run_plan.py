@@ -88,5 +88,44 @@ def test_results_of_an_incompatible_version_are_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "parity", "run", "--sizes", "7b-mini", "--tests", "boolq",
                         "--out", str(run_dir)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    assert "incompatible parity version" in r.stderr and "Traceback" not in r.stderr
+    assert "incompatible version of parity" in r.stderr and "Traceback" not in r.stderr
     assert (run_dir / "manifest.json").read_text() == '{"format": 0, "units": {}}'  # left as it was
+
+
+def test_unit_hash_is_unchanged_by_default_options_and_changed_by_the_te_spec(tmp_path):
+    """Stored results stay valid: only a non-default backend option (megatron's te spec) enters the hash."""
+    import hashlib
+    import json as _json
+    from types import SimpleNamespace
+
+    from parity import RESULTS_FORMAT
+    from parity.run import unit_inputs
+
+    plan = SimpleNamespace(dtype="fp32", device="cpu", backend_options={})
+    ckpt, td = {"fingerprint": "f", "tp": 1}, SimpleNamespace(digest="d")
+    before = hashlib.sha256(_json.dumps([RESULTS_FORMAT, "megatron", "f", 1, "fp32", "cpu", "d"],
+                                        separators=(",", ":")).encode()).hexdigest()[:16]  # the formula so far
+    assert unit_inputs("megatron", ckpt, plan, td) == before
+    plan.backend_options = {"megatron": {"spec": "te"}}
+    assert unit_inputs("megatron", ckpt, plan, td) != before
+    assert unit_inputs("meta", ckpt, plan, td) == unit_inputs("meta", ckpt, SimpleNamespace(
+        dtype="fp32", device="cpu", backend_options={}), td)
+
+
+def test_chat_sizes_are_their_base_sizes(tmp_path, capsys):
+    """7b-chat / 13b-chat / 70b-chat (the seed's 7Bf / 13Bf / 70Bf): the base size's shapes, Meta files and
+    TP under a name of their own, accepted wherever a size is (configs, --sizes, --checkpoint)."""
+    import dataclasses
+
+    from parity.arch import get_size
+    from parity.cli import main
+
+    for base in ("7b", "13b", "70b"):
+        chat = get_size(f"{base}-chat")
+        assert chat.name == f"{base}-chat" and dataclasses.replace(chat, name=base) == get_size(base)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("checkpoints:\n  70b-chat:\n    meta: /data/llama-2-70b-chat\n")
+    assert load_config(str(cfg))["checkpoints"]["70b-chat"]["meta"] == "/data/llama-2-70b-chat"
+    assert parse_checkpoint_flags([f"13b-chat:megatron={tmp_path}"]) == {("13b-chat", "megatron"): tmp_path}
+    assert main(["run", "--sizes", "13b-chat", "--out", str(tmp_path / "r")]) == 2
+    assert "checkpoints.13b-chat.meta" in capsys.readouterr().err

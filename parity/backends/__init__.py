@@ -23,11 +23,13 @@ class BackendInfo:
     format: str  # checkpoint format it reads (a key of parity.checkpoints.MARKERS); a size without a
     #              checkpoint of this format gets one converted from the size's Meta files
     default: bool = True  # in the default `--backends` set
+    gpus: str = "ranks"  # GPUs a worker gets on cuda: "ranks" (one per rank: fairscale, megatron-core) or
+    #                      "size" (one process spread over the size's TP GPUs: accelerate's device map)
 
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in [
     BackendInfo("meta", "parity.backends.meta:MetaBackend", "meta"),  # the reference
-    BackendInfo("hf", "parity.backends.hf:HFBackend", "hf"),
+    BackendInfo("hf", "parity.backends.hf:HFBackend", "hf", gpus="size"),
     BackendInfo("megatron", "parity.backends.megatron:MegatronBackend", "megatron"),
 ]}
 

@@ -1,4 +1,15 @@
-"""Hugging Face stack: transformers' LlamaForCausalLM, loaded with from_pretrained from an HF directory."""
+"""Hugging Face stack: transformers' LlamaForCausalLM, loaded with from_pretrained from an HF directory.
+
+On one device the model is loaded and moved there. With several GPUs (the worker's own, by
+CUDA_VISIBLE_DEVICES) accelerate spreads the layers over them: the device map is transformers' own
+"auto" computation (balanced over the GPUs, layers never split), sized from these GPUs' free memory
+only, and refused when it would put layers on the CPU or disk instead of running them on GPUs.
+
+forward runs the inner LlamaModel, keeps the wanted positions on the hidden states' device, then the
+lm_head: the same operations as LlamaForCausalLM.forward with logits_to_keep, but with several GPUs
+accelerate's hook on the top module would move a keep-index tensor to the first GPU while the final
+norm's output lives on the last one.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +22,54 @@ from parity.errors import UserError
 from parity.io import read_json
 
 
+def plan_device_map(config, dtype: torch.dtype, gpu_bytes: dict[int, int], where) -> dict:
+    """transformers' "auto" device map of a model of `config` over GPUs with these free bytes (no CPU, no
+    disk); a map that would still offload anything is refused."""
+    from transformers import LlamaForCausalLM
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):  # shapes and dtypes only, no memory
+            skeleton = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    no_split = skeleton._no_split_modules
+    budget = get_balanced_memory(skeleton, max_memory=dict(gpu_bytes), no_split_module_classes=no_split)
+    device_map = dict(infer_auto_device_map(skeleton, max_memory=budget, no_split_module_classes=no_split))
+    offloaded = [name or "the whole model" for name, dev in device_map.items() if dev in ("cpu", "disk")]
+    if offloaded:
+        gib = sum(gpu_bytes.values()) / 2**30
+        more = f" and {len(offloaded) - 1} more" if len(offloaded) > 1 else ""
+        raise UserError(f"{where}: does not fit on the {len(gpu_bytes)} GPU(s) this worker has ({gib:.1f} GiB "
+                        f"free); accelerate would offload {offloaded[0]}{more} to CPU/disk; give the size more "
+                        f"GPUs or run it in a smaller --dtype")
+    return device_map
+
+
 class HFBackend(Backend):
     name = "hf"
 
     def load(self) -> None:
         from safetensors import SafetensorError
-        from transformers import LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM
 
         config_path = self.checkpoint / "config.json"
         if not config_path.is_file():
             raise UserError(f"{config_path}: not found; point the hf backend at a converted HF directory")
         self.vocab_size = int(read_json(config_path, "HF config")["vocab_size"])
         self.check_vocab(self.vocab_size)
-        # TP for HF means "spread over the GPUs there are": accelerate's device_map places the layers.
+        dtype = torch_dtype(self.dtype)
+        # TP for HF means "spread over the GPUs this worker was given" (parity.gpus hands out the size's TP)
         several_gpus = self.device.type == "cuda" and torch.cuda.device_count() > 1
-        kwargs = {"device_map": "auto"} if several_gpus else {}
+        kwargs = {}
         try:
-            self.model = LlamaForCausalLM.from_pretrained(self.checkpoint, dtype=torch_dtype(self.dtype), **kwargs)
+            if several_gpus:
+                free = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+                kwargs["device_map"] = plan_device_map(LlamaConfig.from_pretrained(self.checkpoint), dtype, free,
+                                                       self.checkpoint)
+            self.model = LlamaForCausalLM.from_pretrained(self.checkpoint, dtype=dtype, **kwargs)
         except (OSError, ValueError, SafetensorError) as e:
             raise UserError(f"{self.checkpoint}: cannot load HF checkpoint ({str(e).splitlines()[0][:200]})") from None
         if not several_gpus:
@@ -39,6 +81,13 @@ class HFBackend(Backend):
 
     supports_keep = True
     supports_shared_context = True
+
+    def devices_in_use(self) -> list[torch.device]:
+        return sorted({p.device for p in self.model.parameters()}, key=str)
+
+    def details(self) -> dict:
+        device_map = getattr(self.model, "hf_device_map", None)
+        return {"device_map": _count(device_map)} if device_map and len(set(device_map.values())) > 1 else {}
 
     def forward_shared_context(self, context: torch.Tensor, continuations: torch.Tensor):
         # transformers' own kv cache: the context once, then every choice's tokens against a copy of it
@@ -53,6 +102,17 @@ class HFBackend(Backend):
         return last, more[..., :self.vocab_size]
 
     def forward(self, tokens: torch.Tensor, keep: list[int] | None = None) -> torch.Tensor:
-        # logits_to_keep: transformers' own way to run lm_head on some positions only (0 = all)
-        kw = {"logits_to_keep": torch.tensor(keep, device=tokens.device)} if keep is not None else {}
-        return self.model(input_ids=tokens, use_cache=False, **kw).logits[..., :self.vocab_size]
+        # LlamaForCausalLM.forward's steps (inner model, slice_logits_to_keep, lm_head), with the kept
+        # positions indexed on the device the hidden states are on
+        hidden = self.model.model(input_ids=tokens, use_cache=False).last_hidden_state
+        if keep is not None:
+            hidden = hidden[:, torch.tensor(keep, device=hidden.device), :]
+        return self.model.lm_head(hidden)[..., :self.vocab_size]
+
+
+def _count(device_map: dict) -> dict[str, int]:
+    """Device -> how many device-map entries (decoder layers, embeddings, norm, head) it holds."""
+    out: dict[str, int] = {}
+    for dev in device_map.values():
+        out[str(dev)] = out.get(str(dev), 0) + 1
+    return dict(sorted(out.items()))

@@ -9,16 +9,25 @@ loader are bridged here:
   from the one file that holds it when the files are split the same way.
 - Llama-2's loader builds the model under a default dtype (torch.cuda.HalfTensor); we build under the
   job's dtype the same way, and put the default back afterwards.
+- Device: fairscale makes its weights with the legacy `torch.Tensor(...)` constructor, which a
+  `with torch.device(...)` context does not redirect, so the model is built on the CPU, moved to the
+  job's device, then loaded, as llama_models' own loader does (build, load, `model.to(device)`). On
+  CUDA a node's ranks do this one at a time (dist.load_in_turns): one rank's shard is in host memory at
+  a time.
+- Kv cache: the reference model writes keys and values into a preallocated cache and reads them back.
+  We always score from position 0, so one flat buffer per layer, allocated once for the job's largest
+  batch (reserve), is viewed in each batch's shape: the same numbers without a reallocation per shape.
 """
 
 from __future__ import annotations
 
+import math
 
 import torch
 
 from parity.arch import LLAMA2_ROPE_THETA, Size
 from parity.backends.base import Backend
-from parity.backends.dist import init_distributed
+from parity.backends.dist import init_distributed, load_in_turns
 from parity.checkpoints.spec import leaf
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
@@ -93,28 +102,58 @@ class MetaBackend(Backend):
         # llama_models' own rope_theta default is Llama-3's; Llama-2's params.json does not name it
         args = ModelArgs(**{"rope_theta": LLAMA2_ROPE_THETA, **params, "vocab_size": vocab},
                          use_scaled_rope=False, max_seq_len=self.max_length, max_batch_size=1)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch_dtype(self.dtype))  # as Llama-2's loader does before Transformer(...)
-        try:
-            with torch.device(self.device):
-                self.model = Transformer(args)
-        finally:
-            torch.set_default_dtype(previous)
-        self.model.load_state_dict(rank_state(src, self.rank, world), strict=True)
-        del src
-        self.model.eval()
+        self.heads_per_rank = src.spec.size.n_heads // mp
+        self._kv_shape = (src.spec.size.n_kv_heads // mp, src.spec.size.head_dim)  # per token, on this rank
+        # the kv cache holds keys and values of every layer for every batch token
+        self.cache_bytes_per_token = 2 * src.spec.size.n_layers * math.prod(self._kv_shape) * \
+            torch_dtype(self.dtype).itemsize
 
-    def _size_kv_cache(self, batch: int, seqlen: int) -> None:
-        """The reference model preallocates a kv cache of max_batch_size x max_seq_len per layer. We always
-        score from position 0, so a cache of exactly the batch's shape computes the same thing without
-        holding max_batch_size x 4096 positions for every layer."""
+        def build_and_load():
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(torch_dtype(self.dtype))  # as Llama-2's loader does before Transformer(...)
+            try:
+                model = Transformer(args)  # on the CPU: see the module docstring
+            finally:
+                torch.set_default_dtype(previous)
+            for layer in model.layers:  # the max_batch_size x max_seq_len cache made on the CPU: replaced
+                layer.attention.cache_k = layer.attention.cache_v = None  # by views of one buffer (reserve)
+            model.to(self.device)  # parameters only: freqs_cis and the kv cache are plain attributes
+            model.freqs_cis = model.freqs_cis.to(self.device)
+            model.load_state_dict(rank_state(src, self.rank, world), strict=True)
+            return model
+
+        self.model = load_in_turns(build_and_load) if self.device.type == "cuda" else build_and_load()
+        self.model.eval()
+        self._cache_tokens = 0
+
+    # Attention scores [batch, local heads, T, T]: matmul, scaling and mask add in the compute dtype, then
+    # softmax in fp32 and a cast back (llama_models' Attention.forward): about 12 bytes per element at peak.
+    score_bytes = 12
+
+    def reserve(self, tokens: int) -> None:
+        """One kv cache buffer per layer for `tokens` batch tokens (rows x width), made once for the job's
+        largest batch; each batch views it in its own shape (_view_kv_cache)."""
+        if tokens <= self._cache_tokens:
+            return
+        shape = (tokens, *self._kv_shape)
         for layer in self.model.layers:
             att = layer.attention
-            if att.cache_k.shape[:2] != (batch, seqlen):
-                shape = (batch, seqlen, *att.cache_k.shape[2:])
-                att.cache_k = torch.zeros(shape, dtype=att.cache_k.dtype, device=self.device)
-                att.cache_v = torch.zeros(shape, dtype=att.cache_v.dtype, device=self.device)
+            # dtype: what Attention.forward casts the cache to (`cache_k.to(xq)`), so no copy is made
+            att.flat_k = torch.zeros(shape, dtype=torch_dtype(self.dtype), device=self.device)
+            att.flat_v = torch.zeros(shape, dtype=torch_dtype(self.dtype), device=self.device)
+        self._cache_tokens = tokens
+
+    def _view_kv_cache(self, batch: int, seqlen: int) -> None:
+        """The reference model preallocates max_batch_size x max_seq_len per layer; we always score from
+        position 0 and write every position before reading it, so a view of the job's buffer in exactly
+        the batch's shape computes the same thing."""
+        self.reserve(batch * seqlen)  # a no-op after the job's reserve, unless a caller skipped it
+        for layer in self.model.layers:
+            att = layer.attention
+            n = batch * seqlen
+            att.cache_k = att.flat_k[:n].view(batch, seqlen, *self._kv_shape)
+            att.cache_v = att.flat_v[:n].view(batch, seqlen, *self._kv_shape)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        self._size_kv_cache(*tokens.shape)
+        self._view_kv_cache(*tokens.shape)
         return self.model(tokens, 0)[..., :self.vocab_size]

@@ -4,6 +4,7 @@ The model is loaded once per job; each unit's scores are written atomically by r
 compute, as tensor parallelism needs every rank in every forward). A unit whose output exists is
 skipped, so an interrupted job resumes. Non-finite log-likelihoods fail that unit only: its
 error file (parity.results.error_path) says which backend and request, and the next unit runs.
+Beside each unit's scores rank 0 records what it ran on (parity.results.ran_path).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 from parity.errors import UserError
 from parity.io import write_json
 from parity.jobs import Job
-from parity.results import error_path
+from parity.results import describe_ran_on, error_path, ran_path
 
-# torchrun's own default rendezvous port, for a multi-node endpoint the user did not name
+# torchrun's own default rendezvous port, for a multi-node endpoint the user did not name; a job's
+# rendezvous uses this port + its slot, so jobs side by side never share one
 DEFAULT_RDZV_PORT = 29500
 
 
@@ -46,22 +48,35 @@ def run_job(job_path) -> list[str]:
     """Score every unit of a job in this process (one rank). Returns the failed units' error lines."""
     from tqdm import tqdm
 
+    from parity.gpus import check_device_here
     from parity.requests import read_requests, write_scores
 
     job = Job.read(job_path)
+    if job.mode == "trace":  # `parity explain`: boundary tensors instead of scores
+        from parity.trace.worker import run_trace_job
+
+        return run_trace_job(job)
     pending = [u for u in job.units if not Path(u.output).is_file()]
     if not pending:
         return []
+    check_device_here(job.device, f"{job.size}/{job.backend}".lstrip("/"))
     backend = _construct(job.adapter, job.checkpoint, dict(tp=job.tp, device=job.device, dtype=job.dtype,
-                                                           tokenizer_vocab=job.vocab_size))
+                                                           tokenizer_vocab=job.vocab_size, options=job.options))
     writer = backend.rank == 0
     failed: list[str] = []
     units = [(u, read_requests(u.requests)) for u in pending]
+    ran_on = backend.ran_on()  # a collective: every rank
+    if writer:
+        print(f"{job.size}/{job.backend}: running on {describe_ran_on(ran_on)}".lstrip("/"), file=sys.stderr,
+              flush=True)
+    # per-token state (Meta's kv cache) is allocated once, for the largest batch of the whole job
+    backend.reserve(max(backend.largest_batch(r, job.batch) for _, r in units))
     # One bar for the whole job (all its tests): the model is loaded once and scores them in a row.
     with tqdm(total=sum(len(r) for _, r in units), desc=f"{job.size}/{job.backend}".lstrip("/"),
               unit="req", file=sys.stderr, disable=not writer, mininterval=1.0, dynamic_ncols=True) as bar:
         for unit, requests in units:
             bar.set_postfix_str(unit.name, refresh=False)
+            backoffs = backend.oom_backoffs
             scores = backend.loglikelihood(requests, job.batch, progress=bar.update)
             bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
             if not writer:
@@ -74,6 +89,7 @@ def run_job(job_path) -> list[str]:
                 write_json(error_path(unit.output), {"error": line, "request": r.hash})
                 failed.append(line)
                 continue
+            write_json(ran_path(unit.output), ran_on | {"oom_backoffs": backend.oom_backoffs - backoffs})
             write_scores(unit.output, requests, scores)
     return failed
 
@@ -96,18 +112,22 @@ def cli_score(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- launching
-def launch_command(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu") -> list[str]:
-    """The command that runs a job on `nproc` ranks.
+def launch_command(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu", gpus: int | None = None,
+                   slot: int = 0) -> list[str]:
+    """The command that runs a job on `nproc` ranks (`gpus`: GPUs per node it gets on cuda, default one per
+    rank; `slot`: the job's number in the run, which keeps side-by-side rendezvous ports apart).
 
-    local:    1 rank -> `python -m parity score JOB`; more -> torchrun --standalone on this machine.
-    torchrun: multi-node; nodes / endpoint from PARITY_NNODES, PARITY_RDZV_ENDPOINT (host:port),
-              PARITY_NPROC_PER_NODE (default nproc / nnodes), run once on every node.
-    slurm:    srun with one task per rank; torch.distributed reads the rank from SLURM via torchrun's
-              env, so each task runs torchrun --nnodes $SLURM_NNODES with a c10d rendezvous on the
-              first node (PARITY_RDZV_ENDPOINT or $SLURM_LAUNCH_NODE_IPADDR at torchrun's default port).
+    local:    1 rank -> `python -m parity score JOB`; more -> torchrun --standalone on this machine (its
+              rendezvous takes a free port).
+    torchrun: multi-node; nodes / endpoint from PARITY_NNODES, PARITY_RDZV_ENDPOINT (host:port, the port
+              + slot is used), PARITY_NPROC_PER_NODE (default nproc / nnodes), run once on every node.
+    slurm:    one srun task per node running the job's ranks on it (torchrun --standalone on one node; on
+              several, a c10d rendezvous on the first host of the step, port DEFAULT_RDZV_PORT + slot);
+              --gpus-per-node from `gpus`, --cpus-per-task from PARITY_CPUS_PER_TASK or SLURM_CPUS_PER_TASK.
     """
     job = str(job_path)
     module = ["-m", "parity", "score", job]
+    rdzv_id = f"parity-{Path(job).stem}"
     if nproc < 1:
         raise UserError(f"{job}: cannot launch {nproc} processes")
     if launcher == "local":
@@ -117,24 +137,39 @@ def launch_command(job_path, nproc: int, *, launcher: str = "local", device: str
     if launcher == "torchrun":
         nnodes = int(os.environ.get("PARITY_NNODES", "1"))
         per_node = int(os.environ.get("PARITY_NPROC_PER_NODE", str(max(1, nproc // nnodes))))
-        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", f"localhost:{DEFAULT_RDZV_PORT}")
+        endpoint = _offset(os.environ.get("PARITY_RDZV_ENDPOINT", f"localhost:{DEFAULT_RDZV_PORT}"), slot)
         return [*_torchrun(), "--nnodes", str(nnodes), "--nproc-per-node", str(per_node),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"parity-{Path(job).stem}",
-                *module]
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, *module]
     if launcher == "slurm":
-        # one srun task per node, each running torchrun for that node's ranks; the shell expands the
-        # rendezvous host inside the allocation
         per_node = int(os.environ.get("PARITY_NPROC_PER_NODE", str(nproc)))
         nnodes = max(1, math.ceil(nproc / per_node))
-        endpoint = os.environ.get("PARITY_RDZV_ENDPOINT", "${SLURM_LAUNCH_NODE_IPADDR}:" + str(DEFAULT_RDZV_PORT))
-        inner = " ".join([shlex.join([*_torchrun(check=False), "--nnodes", str(nnodes), "--nproc-per-node",
-                                      str(min(nproc, per_node)), "--rdzv-backend", "c10d"]),
-                          "--rdzv-endpoint", endpoint,
-                          shlex.join(["--rdzv-id", f"parity-{Path(job).stem}", *module])])
+        ranks_here = min(nproc, per_node)
+        if nproc == 1:
+            inner = shlex.join([sys.executable, *module])
+        elif nnodes == 1:
+            inner = shlex.join([*_torchrun(check=False), "--standalone", "--nnodes", "1", "--nproc-per-node",
+                                str(ranks_here), *module])
+        else:  # the shell of each task expands the first host of the step
+            first = '$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n1)'
+            endpoint = _offset(os.environ.get("PARITY_RDZV_ENDPOINT", f"{first}:{DEFAULT_RDZV_PORT}"), slot)
+            inner = " ".join([shlex.join([*_torchrun(check=False), "--nnodes", str(nnodes), "--nproc-per-node",
+                                          str(ranks_here), "--rdzv-backend", "c10d"]),
+                              "--rdzv-endpoint", f'"{endpoint}"', shlex.join(["--rdzv-id", rdzv_id, *module])])
+        cpus = os.environ.get("PARITY_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_PER_TASK")
+        # with a CPU count, --exact gives the step only what it asks for, so steps can run side by side
         return ["srun", f"--nodes={nnodes}", "--ntasks-per-node=1",
-                *([f"--gpus-per-node={min(nproc, per_node)}"] if device == "cuda" else []),
+                *([f"--gpus-per-node={gpus or ranks_here}"] if device == "cuda" else []),
+                *([f"--cpus-per-task={cpus}", "--exact"] if cpus else []),
                 "bash", "-c", inner]
     raise UserError(f"unknown launcher {launcher!r}; use local, torchrun or slurm")
+
+
+def _offset(endpoint: str, slot: int) -> str:
+    """host:port -> host:(port + slot)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"PARITY_RDZV_ENDPOINT={endpoint!r}: expected host:port")
+    return f"{host}:{int(port) + slot}"
 
 
 def _torchrun(check: bool = True) -> list[str]:
@@ -149,14 +184,18 @@ def _torchrun(check: bool = True) -> list[str]:
     return [found]
 
 
-def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu",
+def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu", gpus: int | None = None,
+           visible: list[str] | None = None, slot: int = 0,
            timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run a job in a fresh process group (so no global state leaks between backends).
+    """Run a job in a fresh process group (so no global state leaks between backends); `visible`: the GPUs
+    it may use (its CUDA_VISIBLE_DEVICES), from parity.gpus.GpuPool.
 
     stderr is passed through live (the progress bar) and also kept: the returned CompletedProcess
     carries its last lines in .stderr for error messages."""
-    cmd = launch_command(job_path, nproc, launcher=launcher, device=device)
+    cmd = launch_command(job_path, nproc, launcher=launcher, device=device, gpus=gpus, slot=slot)
     env = dict(os.environ)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # a nested launch must not inherit a rank

@@ -15,6 +15,16 @@ MARKERS = {
     "hf": "config.json",
     "megatron": "latest_checkpointed_iteration.txt",
 }
+# megatron-core layer specs whose tensor names the megatron format reads and writes: local modules, and
+# Transformer Engine's (megatron.MEGATRON_KEYS' `te` names). Here, not there, so the CLI stays torch-free.
+MEGATRON_SPECS = ("local", "te")
+# The format "megatron" is either of Megatron-LM's on-disk formats (its --ckpt-format torch / torch_dist),
+# told apart by what the iteration directory (release/, iter_NNNNNNN/) holds; `--from megatron` reads
+# both, `--to megatron --megatron-format` picks one (the first is the default).
+MEGATRON_FORMATS = {
+    "legacy": "mp_rank_*",  # one torch.save per TP rank (and pipeline stage): checkpoints/megatron.py
+    "torch_dist": "metadata.json",  # megatron-core dist_checkpointing: checkpoints/torch_dist.py
+}
 
 
 def detect_format(d: str | Path) -> str:

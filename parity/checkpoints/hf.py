@@ -74,18 +74,10 @@ def config(spec: Spec, dtype: torch.dtype) -> dict:
 
 
 def write_tokenizer(tok: Path, out: Path, spec: Spec) -> None:
-    """tokenizer.model + the small json files LlamaTokenizer needs to load it (offline, no tokenizer.json)."""
-    import shutil
+    """tokenizer.model + HF tokenizer files that encode exactly as sentencepiece (hf_tokenizer.py)."""
+    from parity.checkpoints.hf_tokenizer import write_tokenizer_files
 
-    shutil.copyfile(tok, out / "tokenizer.model")
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    write_json(out / "special_tokens_map.json", special)
-    write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "LlamaTokenizer", **special, "pad_token": None,
-        "add_bos_token": True, "add_eos_token": False, "legacy": True,
-        "clean_up_tokenization_spaces": False, "model_max_length": spec.size.max_seq_len,
-        "sp_model_kwargs": {},
-    })
+    write_tokenizer_files(tok, out, spec.size.max_seq_len)
 
 
 def shard_plan(spec: Spec) -> list[list[str]]:

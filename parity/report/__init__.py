@@ -16,6 +16,9 @@ report.json (= the dict), keys in manifest order:
     tables[other][suite]              suite_tables' rows: test label, values {size: pct}, cells {size: text}
     histograms                        log10_edges + per other: zeros, counts (|delta loglik| per choice)
     missing                           units without a score, grouped; plots {other: {heatmap, deltas}}
+    tokenizer_mismatches[size][backend][test]  requests whose ids differ between the backend's own tokenizer
+                                      and the scored ids; tokenizers[size][backend]: status, tokenizer,
+                                      examples (parity.tokenizer_check.in_run.report_section)
 """
 
 from __future__ import annotations

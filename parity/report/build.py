@@ -186,6 +186,8 @@ def build_report(run_dir, reference: str | None = None) -> dict:
         "missing": missing, "plots": {},
     }
     report["tables"] = {o: suite_tables(report, o) for o in others}
+    from parity.tokenizer_check.in_run import report_section  # "tokenizers", "tokenizer_mismatches"
+    report.update(report_section(run_dir, m))
     return report
 
 

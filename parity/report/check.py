@@ -14,6 +14,7 @@ from pathlib import Path
 from parity.errors import CheckFailed, UserError
 from parity.io import read_json, read_yaml_mapping
 from parity.report.build import REPORT_FORMAT, build_report, fmt_pct
+from parity.report.moved import moved_tests, render_moved
 from parity.results import UnitStatus
 
 # Used when neither --thresholds nor ./configs/thresholds.yaml exists (an installed parity has no
@@ -31,9 +32,10 @@ DEFAULT_THRESHOLDS = {
     "max_abs_delta": None,  # nats, any single test
     "delta_growth": 10.0,
     "delta_floor": 0.001,
+    "max_tokenizer_mismatches": 0,  # requests whose ids differ between a backend's tokenizer and the reference
 }
 FLAG_KEYS = {"max_mean_error": "max_mean_error", "max_test_error": "max_test_error",
-             "max_flips": "max_flips", "margin": "margin"}
+             "max_flips": "max_flips", "margin": "margin", "max_tokenizer_mismatches": "max_tokenizer_mismatches"}
 REPO_THRESHOLDS = Path("configs") / "thresholds.yaml"
 
 
@@ -75,8 +77,9 @@ def load_baseline(path: str) -> dict:
 
 
 def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
-    """Pure judgement: {"failures": [...], "moved": [...]} where each item names size, backend, test."""
-    failures, moved = [], []
+    """Pure judgement: {"failures": [...], "moved": [...]} where each item names size, backend, test
+    (moved: parity.report.moved, worst first)."""
+    failures = []
 
     def fail(check, size, backend, test, value, limit):
         failures.append({"check": check, "size": size, "backend": backend, "test": test,
@@ -99,19 +102,40 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
                 d = c.get("max_abs_delta")
                 if th["max_abs_delta"] is not None and d is not None and d > th["max_abs_delta"]:
                     fail("max abs delta", s, o, t, f"{d:.3g}", f"{th['max_abs_delta']:.3g}")
+    from parity.tokenizer_check.in_run import failures as tokenizer_failures
+
+    for f in tokenizer_failures(report, th.get("max_tokenizer_mismatches")):
+        fail("tokenizer mismatches", f["size"], f["backend"], f["test"], f["value"], f["limit"])
     if baseline is not None:
+        check_same_setup(report, baseline)
         if baseline.get("reference") != report["reference"]:
             raise UserError(f"baseline reference is {baseline.get('reference')!r}, this check's is "
                             f"{report['reference']!r}; pass --reference {baseline.get('reference')}")
         try:
-            _against_baseline(report, baseline, th, fail, moved)
+            _against_baseline(report, baseline, th, fail)
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"baseline report is damaged (missing {e}); regenerate it with "
                             f"`parity report --format json`") from None
-    return {"failures": failures, "moved": moved}
+    return {"failures": failures, "moved": moved_tests(report, th, baseline)}
 
 
-def _against_baseline(report, baseline, th, fail, moved) -> None:
+# What a baseline was made with, beyond the checkpoints: numbers of another device or dtype differ by
+# design (bf16 rounding, other kernels), so comparing them would report false regressions.
+PINNED = ("device", "dtype")
+
+
+def check_same_setup(report: dict, baseline: dict) -> None:
+    now = {k: (report.get("run") or {}).get(k) for k in PINNED}
+    was = {k: (baseline.get("run") or {}).get(k) for k in PINNED}
+    if now != was:
+        def show(d):
+            return "/".join(str(d[k]) for k in PINNED)
+        raise UserError(f"the baseline was made on {show(was)} but this run is {show(now)}; compare runs of the "
+                        f"same device and dtype (`parity run --device {was['device']} --dtype {was['dtype']}`), "
+                        f"or make a baseline on {show(now)}")
+
+
+def _against_baseline(report, baseline, th, fail) -> None:
     for s, per_other in baseline["comparisons"].items():
         for o, per_test in per_other.items():
             if s not in report["comparisons"] or o not in report["comparisons"][s]:
@@ -128,7 +152,6 @@ def _against_baseline(report, baseline, th, fail, moved) -> None:
                     continue
                 e, be = c["pct_error"], b.get("pct_error")
                 if e is not None and be is not None and e != be:
-                    moved.append({"size": s, "backend": o, "test": t, "was": be, "now": e})
                     if th["test_margin"] is not None and e - be > th["test_margin"] + 1e-9:
                         fail("test error vs baseline", s, o, t, f"{fmt_pct(e)} (was {fmt_pct(be)}, {e - be:+.2f})",
                              f"+{th['test_margin']:.2f} points")
@@ -160,11 +183,10 @@ def render_verdict(report: dict, result: dict, th: dict, source: str, run_dir, b
         for f in result["failures"]:
             cells = [f["check"], f["size"], f["backend"], f["test"], f["value"], f["limit"]]
             lines.append("| " + " | ".join(" ".join(str(x).split()).replace("|", "\\|")[:200] for x in cells) + " |")
-    if result["moved"]:
-        lines += ["", f"{len(result['moved'])} test(s) moved against the baseline:", ""]
-        for m in result["moved"]:
-            lines.append(f"- {m['size']} / {m['backend']} / {m['test']}: {fmt_pct(m['was'])} -> {fmt_pct(m['now'])}"
-                         f" ({m['now'] - m['was']:+.2f} points)")
+    if result["moved"] and (baseline_path or not ok):  # without a baseline, listed when the gate fails
+        lines += ["", f"{len(result['moved'])} test(s) moved{' against the baseline' if baseline_path else ''} "
+                      f"(worst first: percent error, flips, delta growth):", ""]
+        lines += [render_moved(m) for m in result["moved"]]
     elif baseline_path:
         lines += ["", "No test's percent error moved against the baseline."]
     return "\n".join(lines) + "\n"
@@ -177,6 +199,10 @@ def cli_check(args) -> int:
     report = build_report(args.run_dir, reference=getattr(args, "reference", None))
     result = evaluate(report, th, baseline)
     print(render_verdict(report, result, th, source, args.run_dir, getattr(args, "baseline", None)), end="")
+    if result["failures"] and getattr(args, "explain", False):
+        from parity.trace.explain import check_line
+
+        print("", check_line(args.run_dir, report, result), sep="\n", flush=True)
     if result["failures"]:
         names = [f"{f['size']}/{f['backend']}/{f['test']} ({f['check']})" if f["test"] != "-"
                  else f"{f['size']}/{f['backend']} ({f['check']})" for f in result["failures"]]

@@ -78,8 +78,12 @@ def render_markdown(report: dict, details: bool = True) -> str:
                     by_test.setdefault((s, t, note), []).append(o)
     no_error = [{"size": s, "test": t, "note": note, "others": ", ".join(os_)}
                 for (s, t, note), os_ in by_test.items()]
+    from parity.tokenizer_check.render import section as tokenizer_section
+
     text = _environment().get_template("report.md.j2").render(
         **report, details=details, no_error=no_error,
+        tokenizers_md=tokenizer_section(report.get("tokenizers") or {}, report.get("tokenizer_mismatches") or {},
+                                        details),
         sentences={o: mean_sentence(report, o) for o in report["others"]})
     # Collapse the blank-line runs jinja leaves around skipped blocks: stable, tidy output.
     lines, out = text.splitlines(), []

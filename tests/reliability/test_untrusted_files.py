@@ -17,11 +17,12 @@ import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import pytest
 import torch
@@ -64,12 +65,49 @@ def scores_of(job: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- pickles
-def test_allow_list_is_exactly_argparse_namespace(converted):
-    assert parity.io.SAFE_GLOBALS == [argparse.Namespace]
+def test_allow_list_is_exactly_megatron_lm_args(converted):
+    """Namespace, the signal enum and megatron-core's enums by name (inert stand-ins), nothing wider."""
+    assert parity.io.SAFE_GLOBALS[:2] == [argparse.Namespace, signal.Signals]
+    assert [name for _, name in parity.io.SAFE_GLOBALS[2:]] == list(parity.io.MEGATRON_ENUMS)
+    assert all(isinstance(f, parity.io.MegatronEnum) for f, _ in parity.io.SAFE_GLOBALS[2:])
     ck = load_torch(converted["megatron"] / MG_FILE)
     assert isinstance(ck["args"], argparse.Namespace)
     assert ck["args"].num_layers == 2 and ck["args"].params_dtype == torch.bfloat16
     assert ck["model"]["embedding.word_embeddings.weight"].ndim == 2
+
+
+def test_megatron_lm_args_load_without_megatron(tmp_path):
+    """Megatron-LM 0.16's args pickle megatron-core enums and a signal: they load in a process that never
+    imports megatron-core, and no megatron code runs (the enums become strings)."""
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    p = tmp_path / "common.pt"
+    torch.save({"args": argparse.Namespace(attention_backend=AttnBackend.auto, exit_signal=signal.SIGTERM,
+                                           model_type=ModelType.encoder_or_decoder, num_layers=2)}, p)
+    code = ("import sys; from parity.io import load_torch; a = load_torch(sys.argv[1])['args']; "
+            "print(a.attention_backend, a.model_type, int(a.exit_signal), 'megatron' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["AttnBackend(5)", "ModelType(1)", "15", "False"]
+
+
+def test_allow_list_is_exact_beside_megatron_core_own(tmp_path):
+    """megatron-core widens torch's process-wide allow-list at import (PosixPath among others) for its own
+    loader: parity's loads still allow exactly SAFE_GLOBALS, and leave megatron-core's list as it was
+    (torch's safe_globals() context alone would remove Namespace, which megatron's loader needs)."""
+    from megatron.core.safe_globals import register_safe_globals
+
+    register_safe_globals()  # what importing megatron.core does
+    before = torch.serialization.get_safe_globals()
+    assert argparse.Namespace in before and PosixPath in before
+    p = tmp_path / "x.pt"
+    torch.save({"args": argparse.Namespace(a=1)}, p)
+    assert load_torch(p)["args"].a == 1
+    torch.save({"where": Path("/etc/passwd")}, p)
+    with pytest.raises(UserError, match="refused to load: .*PosixPath"):
+        load_torch(p)
+    assert set(torch.serialization.get_safe_globals()) == set(before)
 
 
 @pytest.mark.parametrize("obj, refused", [

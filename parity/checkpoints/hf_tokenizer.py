@@ -1,0 +1,153 @@
+"""The tokenizer files of an HF checkpoint directory, in the forms parity can write (FORMS).
+
+"exact" (what `parity convert --to hf` writes): tokenizer.model (Meta's, unchanged) + a tokenizer.json
+that encodes exactly as sentencepiece does, loaded by `AutoTokenizer.from_pretrained(dir)` offline
+(no sentencepiece, no protobuf needed). docs/tokenizers.md says why this form and not the others:
+
+- BPE merges ranked by sentencepiece's piece score (ties: piece id, then split point). sentencepiece
+  merges the adjacent pair whose result has the highest score; transformers' own conversion ranks merges
+  by piece id, and Llama-2 gives its 16 whitespace-only pieces the lowest score (-1e9) but low ids, so
+  "x  y" became [▁x, ▁▁, y] instead of sentencepiece's [▁x, ▁, ▁y].
+- normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer: sentencepiece's dummy prefix is added
+  to every text, also one that starts with a space (" A" -> [▁, ▁A]); Metaspace's "first" scheme
+  skips it there.
+- tokenizer_class "PreTrainedTokenizerFast": loads tokenizer.json as written. "LlamaTokenizer" would
+  rebuild the pre-tokenizer from its own defaults (transformers 5) and lose the dummy-prefix rule.
+- split_special_tokens: sentencepiece encodes the text "<s>" as characters, never as BOS.
+
+"llama-class" is what parity wrote before (tokenizer.model + LlamaTokenizer config) and "hub" the
+layout Meta's HF releases ship (tokenizer.json from transformers' own slow-to-fast conversion +
+LlamaTokenizer config); both are kept to show and test what the tokenizer check finds in them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from parity.errors import UserError
+from parity.io import write_json
+
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6  # sentencepiece ModelProto.SentencePiece.Type
+BPE = 2  # TrainerSpec.ModelType
+
+
+def _proto(tok: Path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    try:
+        m.ParseFromString(tok.read_bytes())
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise UserError(f"{tok}: not a sentencepiece model ({str(e)[:120]})") from None
+    return m
+
+
+def _unsupported(m) -> str | None:
+    """A setting of the sentencepiece model that the tokenizer.json below would not reproduce."""
+    n = m.normalizer_spec
+    if m.trainer_spec.model_type != BPE:
+        return "a non-BPE model type"
+    if n.precompiled_charsmap:
+        return f"the normalization rule {n.name!r}"
+    if n.remove_extra_whitespaces:
+        return "remove_extra_whitespaces"
+    if not n.escape_whitespaces:
+        return "escape_whitespaces off"
+    if any(p.type == USER_DEFINED for p in m.pieces):
+        return "user-defined pieces"
+    return None
+
+
+def sentencepiece_equivalent(tok: Path):
+    """A `tokenizers.Tokenizer` that encodes every text as sentencepiece encodes it, BOS added."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    m = _proto(tok)
+    why = _unsupported(m)
+    if why:
+        raise UserError(f"{tok}: the sentencepiece model uses {why}, which parity's tokenizer.json writer "
+                        f"does not reproduce (it handles Llama-2-style BPE models)")
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    normal = {p.piece: (p.score, i) for i, p in enumerate(m.pieces) if p.type == NORMAL}
+    ranked = []
+    for piece, (score, i) in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                ranked.append((-score, i, k, left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    unk = m.trainer_spec.unk_piece or "<unk>"
+    t = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                             byte_fallback=m.trainer_spec.byte_fallback))
+    prefix = [normalizers.Prepend("▁")] if m.normalizer_spec.add_dummy_prefix else []
+    t.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if m.normalizer_spec.add_dummy_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    t.decoder = decoders.Sequence(steps)
+    bos = m.pieces[m.trainer_spec.bos_id].piece if m.trainer_spec.bos_id >= 0 else None
+    if bos is not None:
+        t.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, m.trainer_spec.bos_id)])
+    t.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
+                          for p in m.pieces if p.type == CONTROL or p.piece == unk])
+    return t
+
+
+def _config(max_len: int, **extra) -> dict:
+    return {**extra, **SPECIAL, "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False, "model_max_length": max_len}
+
+
+def _copy_model(tok: Path, out: Path) -> None:
+    if Path(tok).resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tok, out / "tokenizer.model")
+
+
+def write_exact(tok: Path, out: Path, max_len: int) -> None:
+    _copy_model(tok, out)
+    sentencepiece_equivalent(tok).save(str(out / "tokenizer.json"))
+    write_json(out / "special_tokens_map.json", SPECIAL)
+    write_json(out / "tokenizer_config.json", _config(
+        max_len, tokenizer_class="PreTrainedTokenizerFast", split_special_tokens=True))
+
+
+def write_llama_class(tok: Path, out: Path, max_len: int) -> None:
+    """parity's earlier form: transformers builds a tokenizers-backed LlamaTokenizer from tokenizer.model."""
+    _copy_model(tok, out)
+    write_json(out / "special_tokens_map.json", SPECIAL)
+    write_json(out / "tokenizer_config.json", _config(
+        max_len, tokenizer_class="LlamaTokenizer", legacy=True, sp_model_kwargs={}))
+
+
+def write_hub(tok: Path, out: Path, max_len: int) -> None:
+    """The layout of Meta's HF releases (tokenizer.json + tokenizer.model + LlamaTokenizer config,
+    legacy false), its tokenizer.json made by the installed transformers' own slow-to-fast
+    conversion (parity cannot download the published file; docs/tokenizers.md)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_llama_class(tok, Path(tmp), max_len)
+        AutoTokenizer.from_pretrained(tmp).backend_tokenizer.save(str(out / "tokenizer.json"))
+    _copy_model(tok, out)
+    write_json(out / "special_tokens_map.json", SPECIAL)
+    write_json(out / "tokenizer_config.json", _config(
+        max_len, tokenizer_class="LlamaTokenizer", legacy=False, sp_model_kwargs={}, padding_side="right"))
+
+
+FORMS = {"exact": write_exact, "llama-class": write_llama_class, "hub": write_hub}
+DEFAULT_FORM = "exact"
+
+
+def write_tokenizer_files(tok: Path, out: Path, max_len: int, form: str = DEFAULT_FORM) -> None:
+    """tokenizer.model + the HF tokenizer files of `form` into the directory `out`."""
+    if form not in FORMS:
+        raise UserError(f"unknown HF tokenizer form {form!r}; choose from {', '.join(FORMS)}")
+    for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / stale).unlink(missing_ok=True)
+    FORMS[form](Path(tok), Path(out), max_len)
