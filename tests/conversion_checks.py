@@ -29,11 +29,19 @@ def probe_ids(meta_dir: Path) -> list[int]:
     return [1] + load_sp(Path(meta_dir) / "tokenizer.model").encode(PROBE_TEXT)
 
 
-def meta_logits(meta_dir: Path, ids: list[int]):
-    """Meta's reference stack (llama_models + fairscale at MP 1, in this process) on `ids`: [T, vocab]."""
-    from parity.backends.worker import load_backend
+_META_LOGITS: dict = {}
 
-    return load_backend("meta", meta_dir, tp=1, device="cpu", dtype="fp32").logits(ids)
+
+def meta_logits(meta_dir: Path, ids: list[int]):
+    """Meta's reference stack (llama_models + fairscale at MP 1, in this process) on `ids`: [T, vocab].
+    Kept per (directory, fingerprint, ids): the hf and megatron checks of one size share one load."""
+    from parity.backends.worker import load_backend
+    from parity.io import fingerprint_dir
+
+    key = (str(meta_dir), fingerprint_dir(Path(meta_dir)), tuple(ids))
+    if key not in _META_LOGITS:
+        _META_LOGITS[key] = load_backend("meta", meta_dir, tp=1, device="cpu", dtype="fp32").logits(ids)
+    return _META_LOGITS[key]
 
 
 def converted_logits(checkpoint: Path, fmt: str, ids: list[int]):
@@ -52,14 +60,16 @@ def converted_logits(checkpoint: Path, fmt: str, ids: list[int]):
     return load_backend(fmt, checkpoint, tp=1, device="cpu", dtype="fp32").logits(ids)
 
 
-def fresh_conversion_gap(meta_dir: Path, fmt: str) -> tuple[float, Path]:
+def fresh_conversion_gap(meta_dir: Path, fmt: str, ref=None) -> tuple[float, Path]:
     """(max |logit difference| vs the Meta reference, the checkpoint) for meta_dir converted to `fmt`
-    through the cache `parity run` uses, i.e. by the converter in this checkout."""
+    through the cache `parity run` uses, i.e. by the converter in this checkout. `ref`: the reference's
+    logits on probe_ids(meta_dir) when already known (the mutants take them from the unmutated package)."""
     from backend_helpers import converted
 
     ids = probe_ids(meta_dir)
     ckpt = converted(meta_dir, fmt, tp=1)
-    ref, got = meta_logits(meta_dir, ids), converted_logits(ckpt, fmt, ids)
+    ref = meta_logits(meta_dir, ids) if ref is None else ref
+    got = converted_logits(ckpt, fmt, ids)
     assert ref.shape == got.shape, (ref.shape, got.shape)
     return float((ref - got).abs().max()), ckpt
 

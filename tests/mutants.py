@@ -5,7 +5,8 @@ whether the conversion cache is warm (it holds the unmutated converter's output)
 
 Run as a script: `python tests/mutants.py SPEC.json`. The parent imports the heavy stacks once and
 never parity; each mutant runs in a forked child that imports parity from its mutated copy, applies
-the suite's own checks (tests/conversion_checks.py) and writes what they found to SPEC's out dir.
+the suite's own checks (tests/conversion_checks.py) against the Meta reference's logits computed by the
+unmutated package (SPEC's reference file), and writes what they found to SPEC's out dir.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ def _child(job: dict, tests_dir: Path) -> dict:
     # the round trip through the format the mutant touches (Megatron at TP 2: the rank layout too)
     out: dict = {"round_trip_changes": round_trip_changes(Path(job["meta"]["cold"]), Path(job["work"]),
                                                           (job["fmt"],), tp=2)}
+    ref = torch.load(job["reference"], weights_only=True)  # Meta's logits, from the unmutated package
     for cache in ("warm", "cold"):
         os.environ["PARITY_CACHE"] = job["caches"][cache]
-        gap, ckpt = fresh_conversion_gap(Path(job["meta"][cache]), job["fmt"])
+        gap, ckpt = fresh_conversion_gap(Path(job["meta"][cache]), job["fmt"], ref=ref)
         out[cache] = {"gap": gap, "checkpoint": str(ckpt)}
     return out
 

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from backend_helpers import converted
-from conversion_checks import FRESH_ATOL
+import torch
+from conversion_checks import FRESH_ATOL, meta_logits, probe_ids
 from mutants import MUTANTS, mutated_copy
 
 SIZE = "7b-mini"  # the cheapest size: every mutant moves its logits by more than 1
@@ -34,12 +35,16 @@ def test_converter_mutants_fail_with_warm_and_cold_caches(tmp_path, monkeypatch)
         shutil.copytree(meta, metas[state])  # copy2 keeps names, sizes and mtimes: the same fingerprint
     monkeypatch.setenv("PARITY_CACHE", str(caches["warm"]))
     good = {fmt: converted(metas["warm"], fmt, tp=1) for fmt in ("hf", "megatron")}  # the warm copies
+    # The reference, once, by the unmutated package (a mutant's copy could change its Meta loader too)
+    reference = tmp_path / "meta-logits.pt"
+    torch.save(meta_logits(meta, probe_ids(meta)), reference)
 
     jobs = []
     for i, m in enumerate(MUTANTS):
         tree = mutated_copy(Path(parity.__file__).parent, tmp_path / f"tree-{i}", m)
         jobs.append({"tree": str(tree), "fmt": m.fmt, "work": str(tmp_path / f"work-{i}"),
-                     "caches": {k: str(v) for k, v in caches.items()}, "meta": {k: str(v) for k, v in metas.items()}})
+                     "reference": str(reference), "caches": {k: str(v) for k, v in caches.items()},
+                     "meta": {k: str(v) for k, v in metas.items()}})
     out = tmp_path / "results"
     out.mkdir()
     spec = tmp_path / "spec.json"
