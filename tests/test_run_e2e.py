@@ -101,17 +101,20 @@ def test_killed_during_conversion_leaves_no_checkpoint(baseline, tmp_path):
         (shutil.copytree if made.is_dir() else shutil.copy2)(made, dst)
     env = {"PARITY_CACHE": str(cache)}
     out = tmp_path / "run"
-    r = run_parity(*SMALL, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
+    # only the backend whose conversion is killed (the others' scoring is not under test here)
+    megatron = [*SMALL, "--backends", "megatron", "--reference", "megatron", "--no-report"]
+    r = run_parity(*megatron, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
     assert r.returncode != 0
     converted = list((cache / "converted").glob("*/megatron-tp1"))
     assert converted == []  # the killed conversion left only a temp dir, never a usable-looking one
     assert list((cache / "converted").glob("*/.megatron-tp1.tmp-*"))  # killed while converting, indeed
-    r = run_parity(*SMALL, "--out", str(out), env=env)
+    r = run_parity(*megatron, "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     # the seeded checkpoint and tokenizer were used, nothing was made again
     assert [p.name for p in (cache / "checkpoints").iterdir()] == [cached_checkpoint("7b-mini").parent.name]
     assert [p.name for p in (cache / "tokenizers").iterdir()] == [default_tokenizer().name]
-    assert per_sample_digests(out) == per_sample_digests(baseline)
+    mine = per_sample_digests(out)
+    assert len(mine) == 3 and mine == {k: v for k, v in per_sample_digests(baseline).items() if k in mine}
 
 
 def test_changed_inputs_are_not_reused(baseline, tmp_path):
