@@ -110,12 +110,26 @@ class GpuPool:
                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run it on a node with {n} GPUs, "
                             f"use --device cpu, or set {DIST_BACKEND_ENV}=gloo to let TP ranks share GPUs (slow)")
 
-    @contextmanager
-    def lease(self, n: int):
-        """n GPUs for the duration of the block (their ids, to become the worker's CUDA_VISIBLE_DEVICES)."""
+    def ticket(self) -> object:
+        """A place in the queue, taken now: the run takes one per worker in the order it lists them, so
+        workers get their GPUs in that order, whatever order their threads reach lease()."""
         ticket = object()
         with self._cond:
             self._queue.append(ticket)
+        return ticket
+
+    def cancel(self, ticket: object) -> None:
+        """Give up a place not used (a worker that failed before it needed GPUs), so the queue moves on."""
+        with self._cond:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    @contextmanager
+    def lease(self, n: int, ticket: object | None = None):
+        """n GPUs for the duration of the block (their ids, to become the worker's CUDA_VISIBLE_DEVICES)."""
+        ticket = ticket if ticket is not None else self.ticket()
+        with self._cond:
             self._cond.wait_for(lambda: self._queue[0] is ticket and len(self.free) >= n)
             self._queue.pop(0)
             got, self.free = self.free[:n], self.free[n:]

@@ -297,7 +297,7 @@ def job_slot(plan: Plan, size: str, backend: str) -> int:
 
 
 def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], data: dict[str, TestData],
-                     progress, pool: GpuPool | None = None) -> float:
+                     progress, pool: GpuPool | None = None, ticket: object | None = None) -> float:
     from parity.backends.worker import launch
 
     ckpt = plan.checkpoints[size][backend]
@@ -314,7 +314,7 @@ def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], dat
     job_path = plan.layout.job(size, backend)
     job.write(job_path)
     gpus = group_gpus(plan, size, backend, pool.size if pool else None) if plan.device == "cuda" else None
-    with (pool.lease(gpus) if pool else contextlib.nullcontext(None)) as visible:
+    with (pool.lease(gpus, ticket) if pool else contextlib.nullcontext(None)) as visible:
         t0 = time.perf_counter()
         on = f", GPUs {','.join(visible)}" if visible else ""
         progress(f"{size}/{backend}: scoring {len(units)} tests ({sum(len(data[u.test].unique) for u in units)} "
@@ -418,18 +418,24 @@ def execute(plan: Plan, progress=print) -> dict:
     progress(f"parity: {len(units)} units ({len(plan.sizes)} sizes x {len(plan.backends)} backends x "
              f"{len(plan.tests)} tests), {n_cached} reused, {sum(len(g) for g in groups.values())} to score, "
              f"results in {plan.run_dir}")
-    gpu_pool = None
+    gpu_pool, tickets = None, {}
     if plan.device == "cuda" and plan.launcher == "local" and groups:
         gpu_pool = GpuPool(visible_gpus())
         for size, backend in groups:  # refused now, not after the sizes before it were scored
             gpu_pool.check(group_gpus(plan, size, backend, gpu_pool.size), f"{size}/{backend}")
+        tickets = {key: gpu_pool.ticket() for key in groups}  # GPUs go to workers in this order
     write_manifest(plan, data_by_size, units, ckpts, timings, previous)
 
     finished = []
 
     def work(key):
         size, backend = key
-        secs = run_worker_group(plan, size, backend, groups[key], data_by_size[size], progress, gpu_pool)
+        try:
+            secs = run_worker_group(plan, size, backend, groups[key], data_by_size[size], progress, gpu_pool,
+                                    tickets.get(key))
+        finally:
+            if gpu_pool:
+                gpu_pool.cancel(tickets[key])
         timings[f"{size}/{backend}_s"] = round(secs, 3)
         done = sum(u.status is UnitStatus.DONE for u in groups[key])
         finished.append(key)

@@ -100,9 +100,13 @@ def test_cli_score_bad_job_exits_2(tmp_path, capsys):
                                      '"checkpoint": "x", "tp": 1, "units": [], "dtype": "fp8"}')
     assert main(["score", str(tmp_path / "j.json")]) == 2
     assert "dtype 'fp8'" in capsys.readouterr().err
-    (tmp_path / "j.json").write_text('{"backend": "meta", "checkpoint": "x", "tp": 1, "units": []}')
+    (tmp_path / "j.json").write_text('{"backend": "meta", "tp": 1, "units": []}')
     assert main(["score", str(tmp_path / "j.json")]) == 2
-    assert "job file lacks 'adapter'" in capsys.readouterr().err
+    assert "job file lacks 'checkpoint'" in capsys.readouterr().err
+    # without an adapter the job names a registered backend, whose row gives it
+    (tmp_path / "j.json").write_text('{"backend": "nope", "checkpoint": "x", "tp": 1, "units": []}')
+    assert main(["score", str(tmp_path / "j.json")]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
 
 
 def test_launch_commands(monkeypatch, tmp_path):

@@ -136,16 +136,22 @@ def test_workers_side_by_side_never_share_a_gpu(tmp_path, monkeypatch):
     size's TP), all workers whose GPUs are free run at once, and none ever shares a GPU."""
     monkeypatch.setattr(parity.run, "visible_gpus", lambda: [str(i) for i in range(8)])
     launched, running, clash = [], set(), []
-    lock = threading.Lock()
+    changed = threading.Condition()
 
     def fake_launch(job_path, nproc, *, launcher, device, gpus, visible, slot, timeout=None):
-        with lock:
+        with changed:
             clash.extend(set(visible) & running)
             running.update(visible)
             launched.append((job_path.stem, nproc, gpus, tuple(visible), slot, len(running)))
-        time.sleep(0.3)
-        with lock:
+            changed.notify_all()
+            # a small worker stays until the four small ones run at once (their GPUs fit together), however
+            # long the others' checkpoints take to prepare; a pool that serialised them times out here
+            if not job_path.stem.startswith("70b"):
+                changed.wait_for(lambda: len(running) >= 6, timeout=60)
+        time.sleep(0.1)
+        with changed:
             running.difference_update(visible)
+            changed.notify_all()
         return subprocess.CompletedProcess([], 1, "", "fake worker")
 
     monkeypatch.setattr(worker, "launch", fake_launch)

@@ -122,6 +122,7 @@ def all_pairs(shared_data: Path) -> dict[str, list[list[list[str]]]]:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # ~3 min of CPU on a cold cache (82 s reading the 37,166 documents, 90 s encoding)
 def test_all_documents_encode_identically(shared_data, llama2_tokenizer, forms):
     """The HF directory parity writes, on every context and continuation of the 80 tests: the ids
     AutoTokenizer gives (lm-eval's split, BOS as the tokenizer adds it) are sentencepiece's, text by text

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -112,6 +114,10 @@ def gather_objects(obj) -> list:
     return out
 
 
+# Modules holding a stack's model-parallel groups, each with its own destroy_model_parallel()
+STACK_PARALLEL_STATE = ("fairscale.nn.model_parallel.initialize", "megatron.core.parallel_state")
+
+
 def shutdown(clean: bool) -> None:
     """Leave the process group before the interpreter exits: left to teardown, gloo's threads can abort a
     rank ("terminate called without an active exception", SIGABRT) after all its work is done. After an
@@ -119,4 +125,9 @@ def shutdown(clean: bool) -> None:
     if dist.is_initialized():
         if clean:
             dist.barrier()
+        # the stacks' model-parallel groups are built on this group: forget them with it, so a later
+        # init_distributed in the same process (tests score in-process) builds fresh ones
+        for module in STACK_PARALLEL_STATE:
+            if module in sys.modules:
+                sys.modules[module].destroy_model_parallel()
         dist.destroy_process_group()
