@@ -114,7 +114,7 @@ def test_unusable_input_exits_2(good, tmp_path, capsys):
 
     refused(str(tmp_path / "absent"), says=f"{tmp_path / 'absent'}: results directory not found")
     old = make_run(tmp_path / "old", fmt=99)
-    refused(str(old), says=f"{old / 'manifest.json'}: results from an incompatible parity version (format 99")
+    refused(str(old), says=f"{old / 'manifest.json'}: results from an incompatible version of parity (format 99")
     refused(str(good), "--baseline", str(tmp_path / "none.json"), says=f"{tmp_path / 'none.json'}: baseline report not found")
     (tmp_path / "b.json").write_text(json.dumps({"report_format": 0}))
     refused(str(good), "--baseline", str(tmp_path / "b.json"),
