@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a backend tokenizer that does not load: note it in the report instead of exit 2")
     p.add_argument("--online", action="store_true", help="fetch datasets from the hub instead of --data-dir")
     p.add_argument("--no-report", action="store_true", help="store results only")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also re-score every size and backend under perturbations that leave the math unchanged "
+                        "(batch 1, shortest first, a repeat, another thread count on cpu, TF32 on cuda fp32): "
+                        "the report judges each cross-stack difference against this floor")
+    p.add_argument("--judge", metavar="FP64_RUN",
+                   help="an fp64 run of the same sizes and tests (e.g. `--dtype fp64 --backends meta`): the report "
+                        "gives each backend's distance to exact arithmetic")
 
     p = _verb(sub, "report", "parity.report.cli:cli_report",
               "render markdown / json / csv tables from stored results (no model needed)")
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="reference backend (default: the run's)")
     p.add_argument("--format", default="md,json", help="comma-separated: md,json,csv")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--judge", metavar="FP64_RUN",
+                   help="an fp64 run of the same sizes and tests: each backend's distance to exact arithmetic")
+    p.add_argument("--judge-backend", help="the judge run's backend to measure against (default: its reference)")
 
     p = _verb(sub, "check", "parity.report.check:cli_check",
               "CI gate: exit 1 when a stored run regresses past thresholds or a baseline")
@@ -85,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokenizer-mismatches", type=int,
                    help="requests whose ids differ between a backend's own tokenizer and the reference, "
                         "any single test (default 0)")
+    p.add_argument("--max-floor-ratio", type=float,
+                   help="cross-stack max |delta loglik| / the same-stack noise floor, any single test (needs a run "
+                        "with --noise-floor)")
     p.add_argument("--thresholds", help="yaml (default configs/thresholds.yaml when present)")
     p.add_argument("--reference", default=None)
     p.add_argument("--explain", action="store_true",

@@ -62,8 +62,9 @@ def slurm_gpus(timeout: float = 300) -> int:
     return int(lines[-1])
 
 
-def check_device_here(device: str, where) -> None:
-    """A worker told to compute on cuda must have a GPU (one line, not a silent CPU run)."""
+def check_device_here(device: str, where, dtype: str | None = None) -> None:
+    """A worker told to compute on cuda must have a GPU (one line, not a silent CPU run), and one that
+    computes in the run's dtype: an fp64 matmul is tried first (a device without fp64 says so in one line)."""
     if device != "cuda":
         return
     import torch
@@ -72,6 +73,13 @@ def check_device_here(device: str, where) -> None:
         raise UserError(f"{where}: the run chose --device cuda but {socket.gethostname()} has no usable GPU "
                         f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run on GPU nodes or pass --device cpu")
+    if dtype == "fp64":
+        try:
+            x = torch.ones(2, 2, dtype=torch.float64, device="cuda")
+            float((x @ x).sum())
+        except RuntimeError as e:
+            raise UserError(f"{where}: {torch.cuda.get_device_name()} does not compute in fp64 "
+                            f"({str(e).splitlines()[0][:120]}); run the fp64 judge with --device cpu") from None
 
 
 def worker_gpus(gpus_from: str, ranks: int, size_tp: int, available: int | None, share: bool) -> int:

@@ -27,6 +27,8 @@ class JobUnit:
     # trace jobs only (parity.trace.worker): this unit's own checkpoint / dtype instead of the job's
     checkpoint: str | None = None
     dtype: str | None = None
+    # a noise-floor unit (parity.floor.PERTURBATIONS key): scored by the same loaded model, scheduled otherwise
+    perturbation: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ class Job:
             raise UserError(f"{where}: mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode != "trace" and any(u.checkpoint or u.dtype for u in self.units):
             raise UserError(f"{where}: only trace units name their own checkpoint or dtype")
+        from parity.floor import PERTURBATIONS
+
+        for u in self.units:
+            if u.perturbation and u.perturbation not in PERTURBATIONS:
+                raise UserError(f"{where}: unit {u.name}: perturbation {u.perturbation!r} is not one of "
+                                f"{', '.join(PERTURBATIONS)}")
         bs = str(self.batch_size)
         if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
             raise UserError(f"{where}: batch_size {bs!r} must be 'auto' or a positive integer")

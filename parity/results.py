@@ -7,7 +7,10 @@ check. `parity run` writes this layout, the workers write scores into it, the re
     RUN/scores/.../<...>.jsonl.error.json     a worker's error for that unit (instead of scores)
     RUN/scores/.../<...>.jsonl.ran.json       where the worker scored it (device, GPUs, hosts: UnitRecord.ran_on)
     RUN/requests/<size>/<test>.<digest>.jsonl the token-id requests of a test, named by their digest
-    RUN/jobs/<size>-<backend>.json            the Job a worker ran (parity.jobs)
+    RUN/floor/<perturbation>/<size>/<backend>/<test>.jsonl   per-sample lines of a noise-floor unit (parity.floor)
+    RUN/scores/floor/<perturbation>/<size>/<backend>/<test>.<inputs>.jsonl   its raw scores
+    RUN/jobs/<size>-<backend>.json            the Job a worker ran (parity.jobs), its floor units included
+    RUN/logs/<size>-<backend>.log             everything the worker and its stack printed (appended per launch)
     RUN/.lock                                 held by the one `parity run` writing here
 """
 
@@ -96,17 +99,23 @@ class RunLayout:
     def samples_rel(self, size: str, backend: str, test: str) -> str:
         return f"{size}/{backend}/{test}.jsonl"
 
-    def samples(self, size: str, backend: str, test: str) -> Path:
+    def samples(self, size: str, backend: str, test: str, perturbation: str = "") -> Path:
+        if perturbation:
+            return self.root / "floor" / perturbation / self.samples_rel(size, backend, test)
         return self.root / self.samples_rel(size, backend, test)
 
-    def scores(self, size: str, backend: str, test: str, inputs: str) -> Path:
-        return self.root / "scores" / size / backend / f"{test}.{inputs}.jsonl"
+    def scores(self, size: str, backend: str, test: str, inputs: str, perturbation: str = "") -> Path:
+        under = self.root / "scores" / "floor" / perturbation if perturbation else self.root / "scores"
+        return under / size / backend / f"{test}.{inputs}.jsonl"
 
     def requests(self, size: str, test: str, digest: str) -> Path:
         return self.root / "requests" / size / f"{test}.{digest}.jsonl"
 
     def job(self, size: str, backend: str) -> Path:
         return self.root / "jobs" / f"{size}-{backend}.json"
+
+    def log(self, size: str, backend: str) -> Path:
+        return self.root / "logs" / f"{size}-{backend}.log"
 
     def tokenizer_check(self, size: str, backend: str) -> Path:
         """A backend's own tokenizer against the reference ids (parity.tokenizer_check.in_run)."""

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -107,10 +108,12 @@ class Unit:
     error: str | None = None
     seconds: float | None = None
     ran_on: dict | None = None
+    perturbation: str = ""  # a noise-floor unit: a parity.floor.PERTURBATIONS key
 
     @property
     def key(self) -> str:
-        return unit_key(self.size, self.backend, self.test)
+        key = unit_key(self.size, self.backend, self.test)
+        return f"{key}/{self.perturbation}" if self.perturbation else key
 
     def record(self) -> UnitRecord:
         return UnitRecord(self.status, self.error, self.seconds, self.inputs, self.ran_on)
@@ -136,6 +139,7 @@ class Plan:
     parallel: int = 1  # worker groups side by side
     tokenizer_vocab: dict = field(default_factory=dict)  # size -> vocab of the tokenizer requests use
     backend_options: dict = field(default_factory=dict)  # backend -> its non-default options (Job.options)
+    perturbations: list[str] = field(default_factory=list)  # --noise-floor: parity.floor.PERTURBATIONS keys
 
     @property
     def layout(self) -> RunLayout:
@@ -163,6 +167,9 @@ def make_plan(args) -> Plan:
     if spec == "te" and device != "cuda":
         raise UserError(f"--megatron-spec te: Transformer Engine runs on cuda only, this run is on {device}; "
                         f"use --megatron-spec local (the default) or --device cuda")
+    if spec == "te" and dtype == "fp64":
+        raise UserError("--megatron-spec te --dtype fp64: Transformer Engine has no fp64 kernels; use "
+                        "--megatron-spec local for the fp64 judge")
     options = {"megatron": {"spec": spec}} if spec != "local" else {}
     default_out = "results/default" if not (args.sizes or args.config) else \
         f"results/{'-'.join(sizes)}-{dtype}-{device}"
@@ -171,12 +178,18 @@ def make_plan(args) -> Plan:
     tp = args.tp or run_cfg.get("tp")
     if tp is not None and (not isinstance(tp, int) or tp < 1):
         raise UserError(f"tp {tp!r}: must be a positive integer")
+    perturbations = []
+    if getattr(args, "noise_floor", False):
+        from parity.floor import applicable, check_backends
+
+        check_backends(backends)
+        perturbations = applicable(device, dtype)
     checkpoints = resolve_checkpoints(sizes, backends, parse_checkpoint_flags(args.checkpoint), cfg, args.config,
                                       tp=tp)
     return Plan(run_dir, sizes, backends, reference, tests, dtype, device, str(args.batch_size),
                 args.launcher, checkpoints, data_dir, limit=args.limit, skip_bad_docs=args.skip_bad_docs,
                 skip_bad_tokenizers=args.skip_bad_tokenizers,
-                online=args.online, parallel=parallel, backend_options=options)
+                online=args.online, parallel=parallel, backend_options=options, perturbations=perturbations)
 
 
 def _parallel(requested: int | None, device: str, launcher: str) -> int:
@@ -227,20 +240,24 @@ def _sp_vocab(path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- units
-def unit_inputs(backend: str, ckpt: dict, plan: Plan, td: TestData) -> str:
+def unit_inputs(backend: str, ckpt: dict, plan: Plan, td: TestData, perturbation: str = "") -> str:
     fields = [RESULTS_FORMAT, backend, ckpt["fingerprint"], ckpt["tp"], plan.dtype, plan.device, td.digest]
     if options := plan.backend_options.get(backend):  # only non-default options: default units keep their hash
         fields.append(options)
+    if perturbation:  # a floor unit: also the perturbation and, unless it replaces it, the run's batch size
+        from parity.floor import PERTURBATIONS
+
+        fields += [PERTURBATIONS[perturbation].settings(), plan.batch_size]
     blob = json.dumps(fields, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def scores_path(plan: Plan, u: Unit) -> Path:
-    return plan.layout.scores(u.size, u.backend, u.test, u.inputs)
+    return plan.layout.scores(u.size, u.backend, u.test, u.inputs, u.perturbation)
 
 
 def sample_path(plan: Plan, u: Unit) -> Path:
-    return plan.layout.samples(u.size, u.backend, u.test)
+    return plan.layout.samples(u.size, u.backend, u.test, u.perturbation)
 
 
 def per_sample_rows(td: TestData, scores: dict) -> list[dict]:
@@ -306,7 +323,7 @@ def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], dat
         req_path = plan.layout.requests(size, u.test, data[u.test].digest)
         if not req_path.is_file():
             write_requests(req_path, data[u.test].unique)
-        job_units.append(JobUnit(u.test, str(req_path), str(scores_path(plan, u))))
+        job_units.append(JobUnit(u.test, str(req_path), str(scores_path(plan, u)), perturbation=u.perturbation))
     job = Job(backend=backend, adapter=backend_info(backend).adapter, checkpoint=str(ckpt.path), tp=ckpt.tp,
               device=plan.device, dtype=plan.dtype, batch_size=plan.batch_size, size=size,
               vocab_size=plan.tokenizer_vocab.get(size), units=job_units,
@@ -317,15 +334,21 @@ def run_worker_group(plan: Plan, size: str, backend: str, units: list[Unit], dat
     with (pool.lease(gpus, ticket) if pool else contextlib.nullcontext(None)) as visible:
         t0 = time.perf_counter()
         on = f", GPUs {','.join(visible)}" if visible else ""
-        progress(f"{size}/{backend}: scoring {len(units)} tests ({sum(len(data[u.test].unique) for u in units)} "
-                 f"requests, {ckpt.tp} rank{'s' if ckpt.tp > 1 else ''}{on})")
+        n_floor = sum(bool(u.perturbation) for u in units)
+        floor = f" + {n_floor} noise-floor units" if n_floor else ""
+        progress(f"{size}/{backend}: scoring {len(units) - n_floor} tests{floor} "
+                 f"({sum(len(data[u.test].unique) for u in units)} requests, {ckpt.tp} rank{'s' if ckpt.tp > 1 else ''}{on})")
+        # the stacks' own chatter (deprecation warnings, "> initializing model parallel") goes to the run's log;
+        # the terminal keeps the progress bar, where it runs, and parity's own lines (errors included)
         proc = launch(job_path, ckpt.tp, launcher=plan.launcher, device=plan.device, gpus=gpus, visible=visible,
-                      slot=job_slot(plan, size, backend))
+                      slot=job_slot(plan, size, backend), log=plan.layout.log(size, backend),
+                      show=(f"{size}/{backend}", f"{backend}:", "parity"))
         seconds = time.perf_counter() - t0
     for u in units:
         if proc.returncode != 0 and not scores_path(plan, u).is_file():
             tail = (getattr(proc, "stderr", None) or "").strip().splitlines()[-1:] or [""]
-            u.error = f"worker exited with code {proc.returncode}: {tail[0][:300]}"
+            u.error = (f"worker exited with code {proc.returncode}: {tail[0][:300]} "
+                       f"(its output: {plan.layout.log(size, backend)})")
         finish_unit(plan, u, data[u.test])
     return seconds
 
@@ -354,6 +377,7 @@ def _git_revision() -> str | None:
 
 def write_manifest(plan: Plan, data_by_size: dict, units: list[Unit], ckpts: dict, timings: dict,
                    previous: dict | None) -> None:
+    """manifest.json; noise-floor units go under "floor" (perturbations run, units by key size/backend/test/p)."""
     from parity.tasks.registry import MMLU_GROUPS, SUITES, get_spec
 
     any_size = next(iter(data_by_size.values()))
@@ -363,8 +387,16 @@ def write_manifest(plan: Plan, data_by_size: dict, units: list[Unit], ckpts: dic
         tests[t] = {"suite": spec.suite, "name": spec.name, "group": spec.group, "source": td.source,
                     "n_docs": len(td.docs), "n_bad": td.n_bad}
     units_out = dict((previous or {}).get("units") or {})
+    floor_out = dict(((previous or {}).get("floor") or {}).get("units") or {})
+    # a floor unit counts only beside the plain unit it was measured against (parity.report.floor)
+    base_out = dict(((previous or {}).get("floor") or {}).get("base_inputs") or {})
+    plain = {unit_key(u.size, u.backend, u.test): u.inputs for u in units if not u.perturbation}
     for u in units:
-        units_out[u.key] = u.record().to_json()
+        (floor_out if u.perturbation else units_out)[u.key] = u.record().to_json()
+        if u.perturbation:
+            base_out[u.key] = plain.get(unit_key(u.size, u.backend, u.test))
+    ran = list(((previous or {}).get("floor") or {}).get("perturbations") or [])
+    ran += [p for p in plan.perturbations if p not in ran]
     manifest = {
         "format": RESULTS_FORMAT, "parity_version": __version__,
         "created": (previous or {}).get("created") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -376,6 +408,8 @@ def write_manifest(plan: Plan, data_by_size: dict, units: list[Unit], ckpts: dic
         "suites": dict(SUITES), "tests": tests, "mmlu_groups": dict(MMLU_GROUPS),
         "checkpoints": ckpts, "units": units_out, "timings": timings,
     }
+    if floor_out:
+        manifest["floor"] = {"perturbations": ran, "units": floor_out, "base_inputs": base_out}
     write_json(plan.layout.manifest, manifest)
 
 
@@ -399,24 +433,26 @@ def execute(plan: Plan, progress=print) -> dict:
     timings["tokenizers_s"] = round(check_run(plan, data_by_size, progress), 3)
 
     units, groups = [], {}
-    for size in plan.sizes:
-        for backend in plan.backends:
-            for test in plan.tests:
-                td = data_by_size[size][test]
-                u = Unit(size, backend, test, unit_inputs(backend, ckpts[size][backend], plan, td))
-                units.append(u)
-                prev = UnitRecord.from_json(((previous or {}).get("units") or {}).get(u.key) or {})
-                if not td.docs:
-                    u.status, u.error = UnitStatus.NO_DATA, td.source
-                elif prev.inputs == u.inputs and prev.status is UnitStatus.DONE and sample_path(plan, u).is_file():
-                    u.status, u.seconds, u.ran_on = UnitStatus.DONE, prev.seconds, prev.ran_on
-                elif scores_path(plan, u).is_file():
-                    finish_unit(plan, u, td)  # scored before an interruption: only assemble
-                else:
-                    groups.setdefault((size, backend), []).append(u)
+    prev_units = dict((previous or {}).get("units") or {}) | (((previous or {}).get("floor") or {}).get("units") or {})
+    for pert, size, backend, test in itertools.product(["", *plan.perturbations], plan.sizes, plan.backends,
+                                                       plan.tests):
+        td = data_by_size[size][test]
+        u = Unit(size, backend, test, unit_inputs(backend, ckpts[size][backend], plan, td, pert), perturbation=pert)
+        units.append(u)
+        prev = UnitRecord.from_json(prev_units.get(u.key) or {})
+        if not td.docs:
+            u.status, u.error = UnitStatus.NO_DATA, td.source
+        elif prev.inputs == u.inputs and prev.status is UnitStatus.DONE and sample_path(plan, u).is_file():
+            u.status, u.seconds, u.ran_on = UnitStatus.DONE, prev.seconds, prev.ran_on
+        elif scores_path(plan, u).is_file():
+            finish_unit(plan, u, td)  # scored before an interruption: only assemble
+        else:
+            groups.setdefault((size, backend), []).append(u)
     n_cached = sum(u.status is UnitStatus.DONE for u in units)
+    floor = f" x {1 + len(plan.perturbations)} (noise floor: {', '.join(plan.perturbations)})" \
+        if plan.perturbations else ""
     progress(f"parity: {len(units)} units ({len(plan.sizes)} sizes x {len(plan.backends)} backends x "
-             f"{len(plan.tests)} tests), {n_cached} reused, {sum(len(g) for g in groups.values())} to score, "
+             f"{len(plan.tests)} tests{floor}), {n_cached} reused, {sum(len(g) for g in groups.values())} to score, "
              f"results in {plan.run_dir}")
     gpu_pool, tickets = None, {}
     if plan.device == "cuda" and plan.launcher == "local" and groups:
@@ -458,13 +494,18 @@ def execute(plan: Plan, progress=print) -> dict:
 
 def cli_run(args) -> int:
     plan = make_plan(args)
+    if getattr(args, "judge", None):  # refused now, not after the scoring
+        from parity.report.judge import check_judge
+
+        check_judge(args.judge)
     with RunLock(plan.run_dir):
         outcome = execute(plan, progress=lambda m: print(m, file=sys.stderr, flush=True))
         if not args.no_report:
-            from parity.report import build_report, render_markdown, write_report
+            from parity.report import build_report, write_report
+            from parity.report.summary import render_summary
 
-            report = build_report(plan.run_dir, reference=plan.reference)
+            report = build_report(plan.run_dir, reference=plan.reference, judge=getattr(args, "judge", None))
             write_report(plan.run_dir, report)
-            print(render_markdown(report, details=False))
+            print(render_summary(report, plan.run_dir), end="")
     print(f"parity: results in {plan.run_dir} ({outcome['timings']['total_s']:.1f}s)", file=sys.stderr)
     return 1 if outcome["failed"] else 0

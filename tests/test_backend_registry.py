@@ -60,7 +60,7 @@ def test_toy_backend_is_scored_end_to_end(toy_registered, tmp_path, capsys):
         toy = [json.loads(x) for x in (out / "7b-mini" / "toy" / f"{test}.jsonl").open()]
         assert [r["request_hashes"] for r in ref] == [t["request_hashes"] for t in toy]
         assert max(abs(a - b) for r, t in zip(ref, toy) for a, b in zip(r["loglik"], t["loglik"])) < 1e-4
-    assert "## meta vs toy" in printed
+    assert "7b-mini  toy" in printed  # the first screen: one line per size and backend
     assert "toy" not in BACKENDS or not BACKENDS["toy"].default  # not in anyone's default set
 
 

@@ -138,7 +138,7 @@ def test_workers_side_by_side_never_share_a_gpu(tmp_path, monkeypatch):
     launched, running, clash = [], set(), []
     changed = threading.Condition()
 
-    def fake_launch(job_path, nproc, *, launcher, device, gpus, visible, slot, timeout=None):
+    def fake_launch(job_path, nproc, *, launcher, device, gpus, visible, slot, timeout=None, **logging):
         with changed:
             clash.extend(set(visible) & running)
             running.update(visible)

@@ -25,6 +25,8 @@ class BackendInfo:
     default: bool = True  # in the default `--backends` set
     gpus: str = "ranks"  # GPUs a worker gets on cuda: "ranks" (one per rank: fairscale, megatron-core) or
     #                      "size" (one process spread over the size's TP GPUs: accelerate's device map)
+    batches: bool = True  # scores through base.Backend's batching, so its batch composition can change
+    #                       (`--noise-floor` perturbs it; a stack with fixed batches has no floor)
 
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in [

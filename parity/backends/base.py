@@ -9,12 +9,13 @@ lives here, once, so the three stacks are scored by identical code:
   predicted but never fed;
 - requests with the same input are computed by one forward pass (lm-eval's "one forward per context"
   for single-token choices such as MMLU's " A".." D" is the common case of this);
-- inputs are sorted by length (longest first, so running out of memory happens at once) and batched
-  with right padding, which a causal model needs no attention mask for;
+- inputs are sorted by length (longest first, so running out of memory happens at once; the noise floor
+  also runs shortest first) and batched with right padding, which a causal model needs no attention mask for;
 - "auto" batches are bounded by tokens (linear memory) and, on CUDA, by rows x length^2 for stacks whose
   attention holds the whole score matrix (quadratic memory); a batch that still runs out of GPU memory
   is halved and retried (the same requests, so the same results), and later batches get half the budget;
-- log_softmax in fp32 whatever the compute dtype; results come back in request order.
+- log_softmax in fp32 whatever the compute dtype (fp64 in an fp64 run: the judge keeps its digits);
+  results come back in request order.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Backend(ABC):
     score_budget: int | None = None  # bytes attention scores may take (measured on CUDA; None: no bound)
     options: dict = {}  # adapter-specific options (Job.options), e.g. megatron's {"spec": "te"}
     oom_backoffs: int = 0  # batches halved after running out of GPU memory
+    # batch composition: "longest" first (the default) or "shortest" first, which puts every input beside
+    # other neighbours and pads it to other widths (the noise floor's "reversed" perturbation, parity.floor)
+    batch_order: str = "longest"
     _shrink: float = 1.0  # "auto" / fixed batch rows are scaled by this after an out-of-memory
 
     def __init__(self, checkpoint: str | Path, *, tp: int | None = None, device: str = "cpu",
@@ -167,13 +171,26 @@ class Backend(ABC):
 
     def largest_batch(self, requests: list[Request], batch_size: int | str = "auto") -> int:
         """Tokens (rows x width) of the largest batch that scoring `requests` runs (before any halving)."""
-        lengths = sorted((len(k) for k in self._model_inputs(requests, check=False)[0]), reverse=True)
+        keys = list(self._model_inputs(requests, check=False)[0])
+        order = self._order(keys)
         pos = most = 0
-        while pos < len(lengths):
-            rows = self.batch_rows(batch_size, lengths[pos])
-            most = max(most, min(rows, len(lengths) - pos) * lengths[pos])
-            pos += rows
+        while pos < len(order):
+            chunk = self._chunk(keys, order, pos, batch_size)
+            most = max(most, len(chunk) * max(len(keys[k]) for k in chunk))
+            pos += len(chunk)
         return most
+
+    def _order(self, keys: list) -> list[int]:
+        """The order inputs are batched in: longest first (so running out of memory happens at once), or
+        with batch_order "shortest", the reverse."""
+        order = sorted(range(len(keys)), key=lambda k: (-len(keys[k]), keys[k]))
+        return order[::-1] if self.batch_order == "shortest" else order
+
+    def _chunk(self, keys: list, order: list[int], pos: int, batch_size) -> list[int]:
+        """The next batch: as many rows as the longest input among them allows."""
+        chunk = order[pos:pos + self.batch_rows(batch_size, len(keys[order[pos]]))]
+        rows = self.batch_rows(batch_size, max(len(keys[k]) for k in chunk))  # shortest first: a longer one
+        return chunk[:rows]  #                                                  later in the chunk sets the bound
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[Request], batch_size: int | str = "auto",
@@ -205,7 +222,7 @@ class Backend(ABC):
         out = []
         for row, c in enumerate(conts):
             logits = torch.cat([last[None], more[row, :len(c) - 1]]) if len(c) > 1 else last[None]
-            lp = logits.float().log_softmax(-1)
+            lp = _widened(logits, self.dtype).log_softmax(-1)
             target = torch.tensor(c, dtype=torch.long, device=lp.device)
             out.append(Score(float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
         return out
@@ -238,14 +255,14 @@ class Backend(ABC):
             by_input[k].append(i)
 
         keys = list(inputs)
-        order = sorted(range(len(keys)), key=lambda k: (-len(keys[k]), keys[k]))
+        order = self._order(keys)
         scores: list[Score | None] = [None] * len(requests)
         pos, retry_rows = 0, None
         while pos < len(order):
-            rows = self.batch_rows(batch_size, len(keys[order[pos]]))
-            chunk = order[pos:pos + min(rows, retry_rows or rows)]
+            chunk = self._chunk(keys, order, pos, batch_size)
+            chunk = chunk[:min(len(chunk), retry_rows or len(chunk))]
             retry_rows = None
-            width = len(keys[chunk[0]])  # longest first: the first row sets the width
+            width = max(len(keys[k]) for k in chunk)  # longest first: the first row
             batch = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
             for row, k in enumerate(chunk):
                 batch[row, :len(keys[k])] = torch.tensor(keys[k], dtype=torch.long)
@@ -267,8 +284,8 @@ class Backend(ABC):
                 cols = range(n - span, n)
                 idx = [column[p] for p in cols] if column else list(cols)
                 # log_softmax is row-wise: normalising only these rows gives the numbers of a full one;
-                # fp32 whatever the compute dtype.
-                logprobs = logits[row, idx].float().log_softmax(-1)
+                # fp32 whatever the compute dtype (fp64 stays fp64).
+                logprobs = _widened(logits[row, idx], self.dtype).log_softmax(-1)
                 for i in by_input[k]:
                     cont_len = plan[i][1]
                     cont = torch.tensor(requests[i].continuation[-cont_len:], dtype=torch.long,
@@ -312,6 +329,13 @@ class Backend(ABC):
         if tuple(out.shape) != expect:  # a wiring bug, not bad input: fail loudly
             raise RuntimeError(f"{self.name}: forward returned {tuple(out.shape)}, expected {expect}")
         return out
+
+
+def _widened(logits: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Logits for log_softmax: fp32 at least, fp64 in an fp64 run (the judge), even from a stack that hands
+    back fp32 logits (Meta's `.float()`): a sum of fp32 log-probabilities would cost the judge its digits."""
+    wide = torch.float64 if dtype == "fp64" else torch.float32
+    return logits.to(torch.promote_types(logits.dtype, wide))
 
 
 def shared_context_groups(requests: list[Request], max_length: int) -> tuple[list[list[int]], list[int]]:

@@ -175,7 +175,9 @@ class MegatronBackend(Backend):
             raise UserError(f"{checkpoint}: rank {self.rank} shard does not fit GPTModel (missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}); re-convert the checkpoint")
         self.model.to(self.device).eval()
-        if self.model.config.bf16 or self.model.config.fp16:  # Float16Module: module.bfloat16() / .half()
+        # Float16Module: module.bfloat16() / .half(). fp64 (parity's judge; Megatron-LM has no fp64 mode) is
+        # the same whole-module cast, so the local spec's RMSNorm weights (made in fp32) compute in fp64 too
+        if self.model.config.bf16 or self.model.config.fp16 or self.dtype == "fp64":
             self.model.to(torch_dtype(self.dtype))
 
     def details(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -59,9 +60,11 @@ def run_job(job_path) -> list[str]:
     pending = [u for u in job.units if not Path(u.output).is_file()]
     if not pending:
         return []
-    check_device_here(job.device, f"{job.size}/{job.backend}".lstrip("/"))
+    check_device_here(job.device, f"{job.size}/{job.backend}".lstrip("/"), job.dtype)
     backend = _construct(job.adapter, job.checkpoint, dict(tp=job.tp, device=job.device, dtype=job.dtype,
                                                            tokenizer_vocab=job.vocab_size, options=job.options))
+    from parity.floor import applied, batch_size
+
     writer = backend.rank == 0
     failed: list[str] = []
     units = [(u, read_requests(u.requests)) for u in pending]
@@ -70,14 +73,15 @@ def run_job(job_path) -> list[str]:
         print(f"{job.size}/{job.backend}: running on {describe_ran_on(ran_on)}".lstrip("/"), file=sys.stderr,
               flush=True)
     # per-token state (Meta's kv cache) is allocated once, for the largest batch of the whole job
-    backend.reserve(max(backend.largest_batch(r, job.batch) for _, r in units))
+    backend.reserve(max(backend.largest_batch(r, batch_size(u.perturbation, job.batch)) for u, r in units))
     # One bar for the whole job (all its tests): the model is loaded once and scores them in a row.
     with tqdm(total=sum(len(r) for _, r in units), desc=f"{job.size}/{job.backend}".lstrip("/"),
               unit="req", file=sys.stderr, disable=not writer, mininterval=1.0, dynamic_ncols=True) as bar:
         for unit, requests in units:
             bar.set_postfix_str(unit.name, refresh=False)
             backoffs = backend.oom_backoffs
-            scores = backend.loglikelihood(requests, job.batch, progress=bar.update)
+            with applied(unit.perturbation, backend):  # a noise-floor unit: the same math scheduled otherwise
+                scores = backend.loglikelihood(requests, batch_size(unit.perturbation, job.batch), progress=bar.update)
             bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
             if not writer:
                 continue
@@ -185,13 +189,15 @@ def _torchrun(check: bool = True) -> list[str]:
 
 
 def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu", gpus: int | None = None,
-           visible: list[str] | None = None, slot: int = 0,
-           timeout: float | None = None) -> subprocess.CompletedProcess:
+           visible: list[str] | None = None, slot: int = 0, timeout: float | None = None,
+           log: Path | None = None, show: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run a job in a fresh process group (so no global state leaks between backends); `visible`: the GPUs
     it may use (its CUDA_VISIBLE_DEVICES), from parity.gpus.GpuPool.
 
     stderr is passed through live (the progress bar) and also kept: the returned CompletedProcess
-    carries its last lines in .stderr for error messages."""
+    carries its last lines in .stderr for error messages. With `log`, everything the stacks print (stdout
+    and stderr: deprecation warnings, fairscale's "> initializing model parallel", ...) goes to that file
+    and the terminal gets only the lines (and progress-bar redraws) that start with one of `show`."""
     cmd = launch_command(job_path, nproc, launcher=launcher, device=device, gpus=gpus, slot=slot)
     env = dict(os.environ)
     if visible is not None:
@@ -200,18 +206,28 @@ def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # a nested launch must not inherit a rank
     tail = bytearray()
+    log_file = None
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log, "ab")  # noqa: SIM115 (closed below, after the child and the pump are done)
     # the stacks print to stdout (fairscale, megatron): keep stdout for the report, send theirs to stderr
     try:
-        child_stdout = sys.stderr.fileno()
+        child_stdout = log_file.fileno() if log_file else sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
         child_stdout = subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=child_stdout, stderr=subprocess.PIPE, env=env)
+    shown = _Filter(show) if log_file else None
 
     def pump():  # bytes, not lines: tqdm redraws with \r
         while chunk := os.read(proc.stderr.fileno(), 65536):
-            sys.stderr.buffer.write(chunk) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
-                chunk.decode(errors="replace"))
-            sys.stderr.flush()
+            if log_file:
+                log_file.write(chunk)
+                log_file.flush()
+            out = shown.feed(chunk) if shown else chunk
+            if out:
+                sys.stderr.buffer.write(out) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
+                    out.decode(errors="replace"))
+                sys.stderr.flush()
             tail.extend(chunk)
             del tail[:-20000]
 
@@ -224,5 +240,32 @@ def launch(job_path, nproc: int, *, launcher: str = "local", device: str = "cpu"
         proc.wait()
         raise
     thread.join()
+    if log_file:
+        log_file.close()
     text = tail.decode(errors="replace").replace("\r", "\n")
     return subprocess.CompletedProcess(cmd, rc, "", text)
+
+
+class _Filter:
+    """Keeps the pieces of a byte stream (split after \n or \r, so tqdm's redraws stay whole) that start with
+    one of the prefixes; an unfinished piece waits for the next chunk. A warning printed right after a bar
+    redraw lands on the bar's piece: what follows the bar's closing "[...]" is cut off."""
+
+    BAR = re.compile(rb"[^|\r\n]*\|[^|]*\|[^\[\r\n]*\[[^\]]*\]")  # "desc:  10%|##  | 1/9 [00:01<00:09, 1.0req/s, x]"
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        self.prefixes = tuple(p.encode() for p in prefixes)
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        pieces = re.split(rb"(?<=[\r\n])", self.pending + chunk)
+        self.pending = pieces.pop() if pieces and not pieces[-1].endswith((b"\r", b"\n")) else b""
+        return b"".join(self._bar_only(p) for p in pieces if p.lstrip(b"\r\n").startswith(self.prefixes))
+
+    def _bar_only(self, piece: bytes) -> bytes:
+        m = self.BAR.match(piece.lstrip(b"\r\n"))
+        if m is None:
+            return piece
+        start = len(piece) - len(piece.lstrip(b"\r\n"))
+        rest = piece[start + m.end():]
+        return piece if not rest.strip() else piece[:start + m.end()] + b"\n"

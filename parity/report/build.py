@@ -130,7 +130,8 @@ def fmt_pct(v: float | None, note: str | None = None) -> str:
     return f"{v:.2f}%"
 
 
-def build_report(run_dir, reference: str | None = None) -> dict:
+def build_report(run_dir, reference: str | None = None, judge=None, judge_backend: str | None = None) -> dict:
+    """judge: an fp64 run directory to measure every backend's distance to exact against (report["judge"])."""
     run_dir = Path(run_dir)
     m = load_manifest(run_dir)
     reference = reference or m["reference"]
@@ -188,6 +189,14 @@ def build_report(run_dir, reference: str | None = None) -> dict:
     report["tables"] = {o: suite_tables(report, o) for o in others}
     from parity.tokenizer_check.in_run import report_section  # "tokenizers", "tokenizer_mismatches"
     report.update(report_section(run_dir, m))
+    from parity.report.floor import floor_section  # the noise floor (`parity run --noise-floor`), if run
+
+    if (floor := floor_section(run_dir, m, report, rows)) is not None:
+        report["floor"] = floor
+    if judge:
+        from parity.report.judge import judge_section
+
+        report["judge"] = judge_section(report, rows, judge, judge_backend)
     return report
 
 

@@ -33,9 +33,12 @@ DEFAULT_THRESHOLDS = {
     "delta_growth": 10.0,
     "delta_floor": 0.001,
     "max_tokenizer_mismatches": 0,  # requests whose ids differ between a backend's tokenizer and the reference
+    # cross-stack max |delta loglik| / the same-stack noise floor, any single test (`parity run --noise-floor`)
+    "max_floor_ratio": None,
 }
 FLAG_KEYS = {"max_mean_error": "max_mean_error", "max_test_error": "max_test_error",
-             "max_flips": "max_flips", "margin": "margin", "max_tokenizer_mismatches": "max_tokenizer_mismatches"}
+             "max_flips": "max_flips", "margin": "margin", "max_tokenizer_mismatches": "max_tokenizer_mismatches",
+             "max_floor_ratio": "max_floor_ratio"}
 REPO_THRESHOLDS = Path("configs") / "thresholds.yaml"
 
 
@@ -102,6 +105,8 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
                 d = c.get("max_abs_delta")
                 if th["max_abs_delta"] is not None and d is not None and d > th["max_abs_delta"]:
                     fail("max abs delta", s, o, t, f"{d:.3g}", f"{th['max_abs_delta']:.3g}")
+    if th.get("max_floor_ratio") is not None:
+        _floor_ratios(report, th["max_floor_ratio"], fail)
     from parity.tokenizer_check.in_run import failures as tokenizer_failures
 
     for f in tokenizer_failures(report, th.get("max_tokenizer_mismatches")):
@@ -117,6 +122,24 @@ def evaluate(report: dict, th: dict, baseline: dict | None = None) -> dict:
             raise UserError(f"baseline report is damaged (missing {e}); regenerate it with "
                             f"`parity report --format json`") from None
     return {"failures": failures, "moved": moved_tests(report, th, baseline)}
+
+
+def _floor_ratios(report: dict, limit: float, fail) -> None:
+    """Every test whose cross-stack max |delta| is more than `limit` times the same-stack floor."""
+    if not report.get("floor"):
+        raise UserError("max_floor_ratio: this run has no noise floor; score it with `parity run --noise-floor` "
+                        "(same --out: finished units are reused), or drop --max-floor-ratio")
+    for s in report["sizes"]:
+        for o in report["others"]:
+            for t, c in report["comparisons"][s][o].items():
+                if c.get("floor_max_abs_delta") is None:
+                    continue
+                r = c.get("floor_ratio")
+                if r is None:  # floor exactly 0, the stacks differ
+                    fail("floor ratio", s, o, t, f"inf (floor 0, max abs delta {c['max_abs_delta']:.3g})", f"{limit:g}")
+                elif r > limit:
+                    fail("floor ratio", s, o, t, f"{r:.3g} (max abs delta {c['max_abs_delta']:.3g}, floor "
+                                                 f"{c['floor_max_abs_delta']:.3g})", f"{limit:g}")
 
 
 # What a baseline was made with, beyond the checkpoints: numbers of another device or dtype differ by

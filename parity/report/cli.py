@@ -19,7 +19,8 @@ def parse_formats(text: str | None) -> tuple[str, ...]:
 
 def cli_report(args) -> int:
     formats = parse_formats(args.format)
-    report = build_report(args.run_dir, reference=args.reference)
+    report = build_report(args.run_dir, reference=args.reference, judge=getattr(args, "judge", None),
+                          judge_backend=getattr(args, "judge_backend", None))
     paths = write_report(args.run_dir, report, formats=formats, plots=not args.no_plots)
     print(render_markdown(report, details=False), end="")
     for p in paths:

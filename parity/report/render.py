@@ -68,22 +68,22 @@ def _environment():
 def render_markdown(report: dict, details: bool = True) -> str:
     """The report as markdown: per backend pair the mean-error sentence and one table per suite
     (rows = tests, columns = sizes), the missing pieces, and (details=True) the explanations."""
-    # tests scored by every backend that still have no percent error (ref 0, no documents): one line
-    # per (size, test) naming the backend pairs, since ref 0 affects every pair alike
-    by_test: dict = {}
-    for s in report["sizes"]:
-        for o in report["others"]:
-            for t, note in report["mean_error"][s][o]["excluded"].items():
-                if not note.startswith(UNSCORED):
-                    by_test.setdefault((s, t, note), []).append(o)
-    no_error = [{"size": s, "test": t, "note": note, "others": ", ".join(os_)}
-                for (s, t, note), os_ in by_test.items()]
+    # tests scored by every backend that still have no percent error (ref 0, no documents): one line per
+    # cause with a count per size and the tests named (ref 0 affects every backend pair alike)
+    from parity.report.summary import no_error_groups
+
+    no_error = no_error_groups(report)
+    from parity.report.floor import floor_lines
+    from parity.report.judge import judge_lines
+    from parity.report.summary import summary_rows
     from parity.tokenizer_check.render import section as tokenizer_section
 
     text = _environment().get_template("report.md.j2").render(
         **report, details=details, no_error=no_error,
         tokenizers_md=tokenizer_section(report.get("tokenizers") or {}, report.get("tokenizer_mismatches") or {},
                                         details),
+        judge_md="\n".join(judge_lines(report.get("judge") or {})),
+        floor_md="\n".join(floor_lines(report)), summary=summary_rows(report),
         sentences={o: mean_sentence(report, o) for o in report["others"]})
     # Collapse the blank-line runs jinja leaves around skipped blocks: stable, tidy output.
     lines, out = text.splitlines(), []
@@ -97,7 +97,8 @@ def render_markdown(report: dict, details: bool = True) -> str:
 
 
 CSV_COLUMNS = ["size", "reference", "backend", "suite", "test", "group", "ref_score", "score", "pct_error",
-               "note", "flips", "max_abs_delta", "mean_abs_delta", "p_mcnemar", "n_docs"]
+               "note", "flips", "max_abs_delta", "mean_abs_delta", "p_mcnemar", "n_docs", "floor_max_abs_delta",
+               "floor_ratio"]
 
 
 def render_csv(report: dict) -> str:
