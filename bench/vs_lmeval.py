@@ -7,11 +7,6 @@ One HF checkpoint (a synthetic Meta checkpoint with the real Llama-2 tokenizer w
 parity), one list of (context, continuation) pairs built by parity.tasks from MMLU subjects, hellaswag
 and boolq. Both sides are timed on their natural path, tokenization included, model loading excluded,
 in alternating order: lm-eval's `HFLM.loglikelihood` (what `lm_eval --model hf` calls) and parity's
-<<<<<<< HEAD
-`build_requests` + `HFBackend.loglikelihood`. Prints the wall-time ratio, tokens/s of both and the
-max per-request |log-likelihood difference| (over the requests whose token ids are identical on both
-sides; HF's tokenizer splits some strings differently from sentencepiece: docs/architecture.md).
-=======
 `build_requests` + `HFBackend.loglikelihood`. Prints the wall-time ratio, tokens/s of both, how many
 requests lm-eval tokenized differently from parity, and the max per-request |log-likelihood
 difference| over all requests and over those with identical ids.
@@ -20,7 +15,6 @@ difference| over all requests and over those with identical ids.
 ../shared/data), no hellaswag: the comparison of docs/tokenizers.md. --hf-tokenizer chooses which form
 of HF tokenizer files the converted directory carries (parity.checkpoints.hf_tokenizer.FORMS; default
 the one `parity convert` writes), to reproduce what the earlier form cost.
->>>>>>> i14-tok
 Not a test: the numbers depend on the machine.
 """
 

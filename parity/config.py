@@ -114,7 +114,7 @@ def resolve_checkpoints(sizes: list[str], backends: list[str], flags: dict, cfg:
                     raise UserError(f"{path}: holds a {have} checkpoint but backend {backend} needs "
                                     f"{fmt}; convert it with `parity convert`")
             else:
-                path, origin = _converted(meta_dir, fmt, size, tp), "converted"
+                path, origin = cached_conversion(meta_dir, fmt, size, tp), "converted"
             out[name][backend] = Checkpoint(path, fmt, _parallel(path, fmt, size, tp), origin)
     return out
 
@@ -144,10 +144,11 @@ def _parallel(path: Path, fmt: str, size: arch.Size, tp: int | None = None) -> i
     return 1
 
 
-def _converted(meta_dir: Path, fmt: str, size: arch.Size, tp: int | None = None) -> Path:
+def cached_conversion(meta_dir: Path, fmt: str, size: arch.Size, tp: int | None = None) -> Path:
     """meta_dir converted to `fmt` in the cache, keyed by format (backends reading one format share
     one copy; Megatron: legacy at --tp or the size's TP), the Meta files' fingerprint and the
-    converter's source."""
+    converter's source. The tests get their converted copies here too, so a changed converter is never
+    scored through a conversion the old one wrote."""
     from parity.checkpoints.convert import convert
 
     if not meta_dir.is_dir():

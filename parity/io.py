@@ -175,6 +175,33 @@ def load_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise UserError(f"{path}: cannot read checkpoint ({msg[:200]}); the file is truncated or corrupt") from None
 
 
+def verify_zip(path: str | os.PathLike) -> None:
+    """Check every record of a zip-format torch file against its CRC-32 (one read of the file).
+
+    torch.load checks none, so a byte changed inside tensor data would load as a changed weight. A file
+    in torch's legacy (non-zip) format, or one cut short, is left to torch.load, which reports it."""
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    while f.read(1 << 20):  # the CRC is compared when the record's end is read
+                        pass
+    except zipfile.BadZipFile as e:
+        if str(e).startswith("Bad CRC-32"):
+            raise UserError(f"{path}: record {info.filename!r} fails its CRC-32 check: bytes changed after the "
+                            f"file was written (a corrupt copy); copy or convert it again") from None
+        raise UserError(f"{path}: damaged zip structure ({str(e)[:160]}); the file is truncated or corrupt") from None
+    except (EOFError, OSError, ValueError, NotImplementedError, zlib.error) as e:
+        raise UserError(f"{path}: cannot read zip record ({str(e)[:160] or type(e).__name__}); the file is "
+                        f"truncated or corrupt") from None
+
+
 @contextlib.contextmanager
 def _exactly(allowed: list) -> Iterator[None]:
     """torch's allow-list of globals is process-wide: megatron-core widens it at import (PosixPath, numpy

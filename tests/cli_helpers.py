@@ -13,7 +13,8 @@ from pathlib import Path
 AS_LIMIT = 4 << 30  # bytes of address space a command that reads a hostile file may use
 
 
-def _limit_memory():
+def limit_address_space():
+    """preexec_fn of a command that reads a hostile file."""
     resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
 
 
@@ -21,7 +22,7 @@ def run_parity(*args, env: dict | None = None, limit_memory: bool = False, cwd=N
                timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "parity", *map(str, args)], cwd=cwd,
                           env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_limit_memory if limit_memory else None)
+                          preexec_fn=limit_address_space if limit_memory else None)
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:

@@ -15,12 +15,46 @@ SHARED_DATA = SHARED / "data"
 LLAMA2_TOKENIZER = SHARED_DATA / "tokenizers" / "llama2-tokenizer.model"
 
 
+# What torchrun hands a rank. A test process (and so every process it starts) must never hold them.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+TEST_CACHE = REPO / ".cache" / "parity-tests"
+
+
 def pytest_configure(config):
     # One cache for the whole session (synthetic checkpoints, conversions), outside the user's home.
+    # Conversions in it are keyed by the converter's source (parity.config.cached_conversion).
     if "PARITY_CACHE" not in os.environ:
-        cache = REPO / ".cache" / "parity-tests"
-        cache.mkdir(parents=True, exist_ok=True)
-        os.environ["PARITY_CACHE"] = str(cache)
+        TEST_CACHE.mkdir(parents=True, exist_ok=True)
+        os.environ["PARITY_CACHE"] = str(TEST_CACHE)
+    # Tests never reach the hub. huggingface_hub reads these once, when transformers is first imported,
+    # so they are set here, before any test imports it.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Conversions made by another version of the converter are never read again (their key names its
+    source): drop them from the tests' own cache, so that editing the converter does not grow it."""
+    if os.environ.get("PARITY_CACHE") != str(TEST_CACHE):
+        return
+    from parity.config import code_digest
+
+    current = code_digest("checkpoints/*.py")
+    for d in (TEST_CACHE / "converted").glob("*-*"):
+        if d.is_dir() and d.name.rsplit("-", 1)[1] != current:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_rank_left_behind():
+    """A test that loads a backend in-process must not leave a rank / port in the environment: the
+    subprocesses of later tests would inherit them (parity.backends.dist keeps them out)."""
+    before = {v: os.environ.get(v) for v in DIST_VARS}
+    yield
+    after = {v: os.environ.get(v) for v in DIST_VARS}
+    assert after == before, f"the test left torch.distributed variables in os.environ: {after}"
 
 
 @pytest.fixture(scope="session")

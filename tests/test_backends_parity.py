@@ -18,7 +18,15 @@ ATOL_BATCHING = 1e-5
 # Batch shapes change the kernels' summation order (HF's default sdpa attention most): on sums of
 # ~15 log-probs near -100 that is a few fp32 ulps, so the batching bound is 1e-5 plus fp32's 1e-6 relative.
 RTOL_BATCHING = 1e-6
-BF16_BOUND = 0.5  # nats: bf16 must stay finite and near fp32; the exact gap is what the harness measures
+# bf16 vs fp32 of the same stack, 7b-mini, the 360 requests below, measured (torch 2.13, 2 CPU cores):
+# mean |delta loglik| meta 0.0404, hf 0.0402, megatron 0.0386 nats; max 0.29, 0.22, 0.22; no greedy flip.
+# Regressions measured the same way: RMSNorm computed in bf16 raises a stack's mean to 0.050-0.052
+# (hf, meta: +25-30%, max up to 0.45); log-softmax over the vocabulary in bf16 (every stack) 0.049. A
+# softmax computed in bf16 changes nothing here (torch's bf16 CPU kernels accumulate in fp32 and round
+# once, as the fp32 softmax's output is rounded anyway).
+BF16_MEAN = 0.045  # nats per request, any stack: 11% above the measured means, below every regression
+BF16_MAX = 0.4  # nats, one request: a loose ceiling (the max of 360 is noisy)
+BF16_SPREAD = 1.15  # a stack's mean over the median stack's: measured 1.05 at most; a norm in bf16 1.25+
 
 _loaded: dict = {}
 
@@ -79,9 +87,15 @@ def test_hf_logits_equal_meta_reference(size, requests_by_size):
 @pytest.mark.parametrize("kind", ["meta", "hf", "megatron"])
 def test_batch_size_one_equals_auto(kind, requests_by_size, fp32_scores):
     size = "70b-mini"  # GQA + the widest ffn: the shape where padding/batching bugs would show
-    reqs = requests_by_size[size]
+    # The requests of every third context, at batch 1, against their scores from the "auto" batches of all
+    # of them (padded and batched with the others): both kinds of request (COPA continuations, MMLU letters)
+    # and the whole range of lengths at a third of the batch-1 cost. Whole contexts, so that requests that
+    # share one are grouped the same way in both runs (hf's kv-cache path; tests/test_backends_shared_context.py).
+    every = set(list(dict.fromkeys(r.context for r in requests_by_size[size]))[::3])
+    picked = [i for i, r in enumerate(requests_by_size[size]) if r.context in every]
+    reqs = [requests_by_size[size][i] for i in picked]
     one = backend(kind, size).loglikelihood(reqs, 1)
-    auto = fp32_scores[(kind, size)]
+    auto = [fp32_scores[(kind, size)][i] for i in picked]
     worst, _, flips = compare(one, auto)
     print(f"{kind} {size}: batch 1 vs auto max |diff| {worst:.2e}")
     assert flips == 0
@@ -97,7 +111,7 @@ def test_single_token_shortcut_and_truncation(requests_by_size):
     m = backend("meta", "7b-mini")
     reqs = [r for r in requests_by_size["7b-mini"] if len(r.continuation) == 1][:8]
     calls = []
-    forward = m.forward
+    forward, saved = m.forward, m.max_length
     m.forward = lambda t: calls.append(tuple(t.shape)) or forward(t)
     try:
         shared = [Request(reqs[0].context, (tok,)) for tok in (5, 6, 7, 8)]
@@ -105,30 +119,35 @@ def test_single_token_shortcut_and_truncation(requests_by_size):
         assert calls == [(1, len(reqs[0].context))]
         # truncation: with max_length 8, a long request equals its last 9 tokens scored from scratch
         long = Request(tuple(range(1, 40)), (50, 51))
-        saved = m.max_length
         m.max_length = 8
         cut = m.loglikelihood([long], 1)[0]
-        m.max_length = saved
         tail = (long.context + long.continuation)[-9:]
         again = m.loglikelihood([Request(tail[:-2], tail[-2:])], 1)[0]
         assert abs(cut.loglik - again.loglik) < 1e-6
-    finally:
-        m.forward = forward
+    finally:  # the backend is shared by the module's tests
+        m.forward, m.max_length = forward, saved
 
 
-def test_bf16_all_backends_finite_and_near_fp32(requests_by_size, fp32_scores):
+def test_bf16_error_of_every_backend_is_what_bf16_costs(requests_by_size, fp32_scores):
+    """bf16 against each stack's own fp32, bounded by what was measured (BF16_*), so a stack that computes
+    more in bf16 than it should (a norm, the vocabulary's log-softmax) fails."""
+    import statistics
+
     size = "7b-mini"
     reqs = requests_by_size[size]
     bf16 = {kind: backend(kind, size, "bf16").loglikelihood(reqs, "auto") for kind in ("meta", "hf", "megatron")}
+    means = {}
     for kind, scores in bf16.items():
         assert all(math.isfinite(s.loglik) for s in scores)
-        worst, mean, flips = compare(scores, fp32_scores[(kind, size)])
-        print(f"{size} bf16 {kind} vs fp32 {kind}: max |diff| {worst:.4f}, mean {mean:.4f}, greedy flips {flips}")
-        assert worst < BF16_BOUND
-    for a, b in [("hf", "meta"), ("megatron", "meta"), ("megatron", "hf")]:
+        worst, means[kind], flips = compare(scores, fp32_scores[(kind, size)])
+        print(f"{size} bf16 {kind} vs fp32 {kind}: max |diff| {worst:.4f}, mean {means[kind]:.4f}, "
+              f"greedy flips {flips}")
+        assert means[kind] < BF16_MEAN and worst < BF16_MAX
+    median = statistics.median(means.values())
+    assert all(m < BF16_SPREAD * median for m in means.values()), means
+    for a, b in [("hf", "meta"), ("megatron", "meta"), ("megatron", "hf")]:  # what the harness reports
         worst, mean, flips = compare(bf16[a], bf16[b])
         print(f"{size} bf16 {a} vs bf16 {b}: max |diff| {worst:.4f}, mean {mean:.4f}, greedy flips {flips}")
-        assert worst < 2 * BF16_BOUND
 
 
 def test_hf_matches_lm_eval_hflm():

@@ -6,6 +6,10 @@ from parity.backends.base import shared_context_groups
 from parity.requests import Request
 from backend_helpers import compare, converted, meta_checkpoint, real_requests
 
+# The kv-cache path sums attention in another order than a full forward: measured max 3.05e-5 over
+# these 100 requests (fp32 sums of several log-probs). The README states this same bound.
+ATOL_SHARED = 5e-5
+
 
 def test_grouping_rules():
     reqs = [Request((1, 5, 6), (7, 8)), Request((1, 5, 6), (9,)),  # shared context, a multi-token choice
@@ -29,4 +33,4 @@ def test_shared_context_equals_plain_batches():
     plain = backend.loglikelihood(reqs, "auto")
     max_diff, _, flips = compare(shared, plain)
     print(f"shared-context kv cache vs plain batches: max |diff| {max_diff:.2e} over {len(reqs)} requests")
-    assert max_diff < 1e-4 and flips == 0
+    assert max_diff < ATOL_SHARED and flips == 0

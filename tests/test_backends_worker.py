@@ -146,7 +146,7 @@ def test_bad_checkpoint_inputs_are_user_errors(tmp_path):
     empty = tmp_path / "empty-meta"
     empty.mkdir()
     (empty / "params.json").write_text((meta_dir / "params.json").read_text())
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=f"{empty}: no consolidated.NN.pth files"):
         worker.load_backend("meta", empty, tp=1)
 
 

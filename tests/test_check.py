@@ -107,21 +107,26 @@ def test_failed_unit_fails_no_data_does_not(tmp_path, capsys):
 
 
 def test_unusable_input_exits_2(good, tmp_path, capsys):
-    assert main(["check", str(tmp_path / "absent")]) == 2
+    def refused(*argv: str, says: str) -> None:
+        assert main(["check", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+
+    refused(str(tmp_path / "absent"), says=f"{tmp_path / 'absent'}: results directory not found")
     old = make_run(tmp_path / "old", fmt=99)
-    assert main(["check", str(old)]) == 2
-    assert "incompatible version" in capsys.readouterr().err
-    assert main(["check", str(good), "--baseline", str(tmp_path / "none.json")]) == 2
+    refused(str(old), says=f"{old / 'manifest.json'}: results from an incompatible version of parity (format 99")
+    refused(str(good), "--baseline", str(tmp_path / "none.json"), says=f"{tmp_path / 'none.json'}: baseline report not found")
     (tmp_path / "b.json").write_text(json.dumps({"report_format": 0}))
-    assert main(["check", str(good), "--baseline", str(tmp_path / "b.json")]) == 2
+    refused(str(good), "--baseline", str(tmp_path / "b.json"),
+            says=f"{tmp_path / 'b.json'}: not a parity report.json of this version (report_format 0")
     (tmp_path / "t.yaml").write_text("max_mean_eror: 1\n")
-    assert main(["check", str(good), "--thresholds", str(tmp_path / "t.yaml")]) == 2
-    assert "unknown threshold max_mean_eror" in capsys.readouterr().err
+    refused(str(good), "--thresholds", str(tmp_path / "t.yaml"), says="unknown threshold max_mean_eror")
     (tmp_path / "t.yaml").write_text("max_mean_error: [1\n")
-    assert main(["check", str(good), "--thresholds", str(tmp_path / "t.yaml")]) == 2
+    refused(str(good), "--thresholds", str(tmp_path / "t.yaml"), says=f"{tmp_path / 't.yaml'}: not valid YAML")
     other_ref = make_run(tmp_path / "o", noise=QUIET)
     write_report(other_ref, build_report(other_ref, reference="hf"), formats=("json",))
-    assert main(["check", str(good), "--baseline", str(other_ref / "report.json")]) == 2
+    refused(str(good), "--baseline", str(other_ref / "report.json"),
+            says="baseline reference is 'hf', this check's is 'meta'; pass --reference hf")
 
 
 def test_baseline_missing_backend_fails(good, tmp_path, capsys):

@@ -13,6 +13,7 @@ from parity.checkpoints.convert import convert, open_source
 from parity.checkpoints.synthetic import cached_checkpoint, make_checkpoint
 from parity.cli import main
 from cli_helpers import RunsCode
+from conversion_checks import FRESH_ATOL, PROBE_TEXT, fresh_conversion_gap, probe_ids, round_trip_changes
 
 TPS = [1, 2, 4, 8]
 
@@ -40,12 +41,8 @@ def test_round_trip_is_bit_exact(name, tp, hf_dirs, tmp_path):
             convert("hf", "megatron", hf_dirs[name], tmp_path / "mg", target_tp=tp)
         assert not (tmp_path / "mg").exists()
         return
-    mg = convert("hf", "megatron", hf_dirs[name], tmp_path / "mg", target_tp=tp)
-    hf2 = convert("megatron", "hf", mg, tmp_path / "hf2")
-    back = convert("hf", "meta", hf2, tmp_path / "meta")
-    same_tensors(src, back)
-    for f in src.iterdir():  # not just equal tensors: the very same files
-        assert f.read_bytes() == (back / f.name).read_bytes(), f.name
+    # not just equal tensors: the very same files
+    assert round_trip_changes(src, tmp_path, ("hf", "megatron", "hf"), tp, first=hf_dirs[name]) == []
 
 
 def test_meta_to_megatron_in_one_call_and_meta_resplit(tmp_path):
@@ -62,22 +59,23 @@ def test_meta_to_megatron_in_one_call_and_meta_resplit(tmp_path):
     assert torch.equal(s32.get("layers.1.attention.wk.weight"), a.get("layers.1.attention.wk.weight").float())
 
 
+@pytest.mark.parametrize("fmt", ["hf", "megatron"])
 @pytest.mark.parametrize("name", MINI_SIZES)
-def test_transformers_loads_every_mini_offline(name, hf_dirs, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_fresh_conversion_computes_meta_logits(name, fmt):
+    """Converted now (cached by the converter's source, as `parity run` does) and loaded by its own stack
+    (transformers offline; megatron-core at TP 1), every mini computes the Meta reference's logits."""
+    meta_dir = cached_checkpoint(name)
+    gap, ckpt = fresh_conversion_gap(meta_dir, fmt)
+    print(f"{name} {fmt} (fresh conversion) vs meta: max |logit diff| {gap:.2e}")
+    assert gap < FRESH_ATOL
+    if fmt == "hf":
+        from transformers import AutoConfig, AutoTokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    size = get_size(name)
-    model = AutoModelForCausalLM.from_pretrained(hf_dirs[name], dtype=torch.float32)
-    cfg = model.config
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (
-        size.n_heads, size.n_kv_heads, size.ffn_dim)
-    tok = AutoTokenizer.from_pretrained(hf_dirs[name])
-    ids = tok("The farmer planted seeds.")["input_ids"]
-    assert ids[0] == 1
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits
-    assert logits.shape[-1] == cfg.vocab_size and torch.isfinite(logits).all() and logits.std() > 0.1
+        cfg, size = AutoConfig.from_pretrained(ckpt, local_files_only=True), get_size(name)
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (
+            size.n_heads, size.n_kv_heads, size.ffn_dim)
+        tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+        assert tok(PROBE_TEXT)["input_ids"] == probe_ids(meta_dir)
 
 
 def test_real_llama2_tokenizer(llama2_tokenizer, tmp_path):
@@ -174,19 +172,36 @@ def test_bad_tp_and_unknown_size(capsys, tmp_path):
                       "--save-dir", str(out), "--size", "7b-tiny", match="unknown size")
 
 
-def test_bad_truncated_files(capsys, meta_copy, hf_dirs, tmp_path):
+def test_bad_truncated_or_corrupt_files(capsys, meta_copy, hf_dirs, tmp_path):
+    """Cut short, or one byte changed in the middle: one line naming the file and saying what is wrong."""
     out = tmp_path / "out"
-    src = meta_copy("7b-mini")
-    f = src / "consolidated.00.pth"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    expect_user_error(capsys, out, "convert", "--from", "meta", "--to", "hf", "--load-dir", str(src),
-                      "--save-dir", str(out), match=str(f))
+
+    def refused(fmt, d, f, what):
+        err = expect_user_error(capsys, out, "convert", "--from", fmt, "--to", "hf" if fmt != "hf" else "meta",
+                                "--load-dir", str(d), "--save-dir", str(out), match=str(f))
+        assert what in err, err
+
+    def cut(f):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    def flip(f):  # a byte in the middle of the file: tensor data, which torch.load never checks
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        f.write_bytes(bytes(raw))
+
+    for damage, what in [(cut, "truncated or corrupt"), (flip, "fails its CRC-32 check")]:
+        src = meta_copy("7b-mini")
+        damage(src / "consolidated.00.pth")
+        refused("meta", src, src / "consolidated.00.pth", what)
+        mg = convert("meta", "megatron", cached_checkpoint("7b-mini"), tmp_path / f"mg-{damage.__name__}")
+        f = mg / "release" / "mp_rank_00" / "model_optim_rng.pt"
+        damage(f)
+        refused("megatron", mg, f, what)
     hf = tmp_path / "hf"
     shutil.copytree(hf_dirs["7b-mini"], hf)
     shard = sorted(hf.glob("*.safetensors"))[1]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    expect_user_error(capsys, out, "convert", "--from", "hf", "--to", "meta", "--load-dir", str(hf),
-                      "--save-dir", str(out), match=str(shard))
+    cut(shard)  # (safetensors has no checksum: a changed byte in its tensor data cannot be told; README)
+    refused("hf", hf, shard, "truncated or corrupt")
 
 
 def test_bad_pickle_that_would_run_code(capsys, meta_copy, tmp_path):

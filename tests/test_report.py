@@ -168,6 +168,7 @@ def test_reference_switch(run):
 
 def test_unusable_run_dirs(tmp_path, capsys):
     assert main(["report", str(tmp_path / "absent")]) == 2
+    assert f"{tmp_path / 'absent'}: results directory not found" in capsys.readouterr().err
     run = make_run(tmp_path / "old", fmt=0)
     assert main(["report", str(run)]) == 2
     assert "results from an incompatible version of parity (format 0" in capsys.readouterr().err
@@ -176,6 +177,7 @@ def test_unusable_run_dirs(tmp_path, capsys):
     with pytest.raises(UserError, match=r"boolq.jsonl: line 1 lacks request_hashes"):
         build_report(run)
     assert main(["report", str(run), "--format", "md,pdf"]) == 2
+    assert "--format 'md,pdf': unknown format pdf; choose from md,json,csv" in capsys.readouterr().err
     assert not (run / "report.md").exists()  # nothing half-written
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,23 +68,53 @@ def test_killed_run_resumes_to_identical_results(baseline, tmp_path, fault, reco
     out = tmp_path / "run"
     r = run_parity(*SMALL, "--out", str(out), env={"PARITY_FAULT": fault})
     assert r.returncode != 0
+    # Before the rerun (which cleans temp files up): the file being written when the kill came exists
+    # only under its temp name, and every file under a real name is whole.
+    written = fault.partition(":")[2]
+    assert list(out.rglob("*.tmp")), "the kill did not come while a file was being written"
+    finals = [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+    assert not [p for p in finals if written in str(p)]
+    for p in finals:
+        if p.suffix in (".json", ".jsonl"):
+            text = p.read_text()
+            assert text.endswith("\n"), p
+            for line in text.splitlines() if p.suffix == ".jsonl" else [text]:
+                json.loads(line)
     r = run_parity(*SMALL, "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts(r.stderr)[1] == recomputed
     assert per_sample_digests(out) == per_sample_digests(baseline)
-    assert not list(out.rglob("*.tmp"))  # no half-written file survives
+    assert not list(out.rglob("*.tmp"))  # the killed writer's temp file is gone
 
 
 def test_killed_during_conversion_leaves_no_checkpoint(baseline, tmp_path):
-    env = {"PARITY_CACHE": str(tmp_path / "cache")}
+    from parity.checkpoints.synthetic import cached_checkpoint
+    from parity.io import cache_dir
+    from parity.tokenizer import default_tokenizer
+
+    # A cache without conversions; the tokenizer and the synthetic checkpoint are not under test here,
+    # so they are seeded (copies keep their mtimes: the same fingerprint) rather than made again.
+    cache = tmp_path / "cache"
+    for made in (default_tokenizer(), cached_checkpoint("7b-mini")):
+        dst = cache / made.relative_to(cache_dir())
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if made.is_dir() else shutil.copy2)(made, dst)
+    env = {"PARITY_CACHE": str(cache)}
     out = tmp_path / "run"
-    r = run_parity(*SMALL, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
+    # only the backend whose conversion is killed (the others' scoring is not under test here)
+    megatron = [*SMALL, "--backends", "megatron", "--reference", "megatron", "--no-report"]
+    r = run_parity(*megatron, "--out", str(out), env=env | {"PARITY_FAULT": "dir:megatron-tp1"})
     assert r.returncode != 0
-    converted = list((tmp_path / "cache" / "converted").glob("*/megatron-tp1"))
+    converted = list((cache / "converted").glob("*/megatron-tp1"))
     assert converted == []  # the killed conversion left only a temp dir, never a usable-looking one
-    r = run_parity(*SMALL, "--out", str(out), env=env)
+    assert list((cache / "converted").glob("*/.megatron-tp1.tmp-*"))  # killed while converting, indeed
+    r = run_parity(*megatron, "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert per_sample_digests(out) == per_sample_digests(baseline)
+    # the seeded checkpoint and tokenizer were used, nothing was made again
+    assert [p.name for p in (cache / "checkpoints").iterdir()] == [cached_checkpoint("7b-mini").parent.name]
+    assert [p.name for p in (cache / "tokenizers").iterdir()] == [default_tokenizer().name]
+    mine = per_sample_digests(out)
+    assert len(mine) == 3 and mine == {k: v for k, v in per_sample_digests(baseline).items() if k in mine}
 
 
 def test_changed_inputs_are_not_reused(baseline, tmp_path):

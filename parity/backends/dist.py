@@ -2,9 +2,11 @@
 
 Under torchrun the environment (RANK, WORLD_SIZE, MASTER_ADDR ...) is given. A single-process run
 still needs a process group of one, because fairscale and megatron-core look up their groups through
-torch.distributed: we supply that environment ourselves. gloo on CPU, nccl on CUDA; PARITY_DIST_BACKEND=gloo
-runs CUDA ranks over gloo instead, which lets several ranks share one GPU (nccl refuses two ranks on one
-device): slow, for testing tensor parallelism on fewer GPUs than ranks (ci/gpu-smoke.sh).
+torch.distributed: it gets one over an in-memory store, and nothing is put into os.environ (a process
+that loads a backend in-process, a test session, must not hand a rank and a port to the processes it
+starts later). gloo on CPU, nccl on CUDA; PARITY_DIST_BACKEND=gloo runs CUDA ranks over gloo instead,
+which lets several ranks share one GPU (nccl refuses two ranks on one device): slow, for testing tensor
+parallelism on fewer GPUs than ranks (ci/gpu-smoke.sh).
 """
 
 from __future__ import annotations
@@ -23,12 +25,6 @@ DIST_BACKEND_ENV = "PARITY_DIST_BACKEND"
 # nccl's default is 10 minutes; ranks that load their shards in turn (load_in_turns) wait longer than
 # that for the last one on a big model. gloo's default is already 30 minutes.
 GROUP_TIMEOUT = dt.timedelta(minutes=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dist_backend(device: str) -> str:
@@ -50,14 +46,14 @@ def ranks_share_gpus() -> bool:
 def init_distributed(device: str) -> tuple[int, int]:
     """Initialise the default process group once; returns (rank, world_size)."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # not launched by torchrun: a group of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         backend = dist_backend(device)
         if device == "cuda":
             torch.cuda.set_device(local_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count(),
                                              share=backend == "gloo"))
-        dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
+        if "RANK" in os.environ:  # launched by torchrun: its environment names the group
+            dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
+        else:  # a group of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=GROUP_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -5,7 +5,8 @@ mmap'd files) and written by a streaming writer: Meta one consolidated file at a
 shard at a time, Megatron legacy one (TP rank, pipeline stage) at a time, Megatron torch_dist one layer
 at a time. `--from megatron` reads either Megatron format (told apart inside the directory); `--to
 megatron` writes the one `megatron_format` names. Output goes to a temp directory renamed on success,
-so a failed conversion leaves nothing behind.
+so a failed conversion leaves nothing behind. The input's torch files are checked against their zip
+CRC-32s first (parity.io.verify_zip): a changed byte is refused, not converted as a changed weight.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from parity.checkpoints.meta import MetaSource, write_meta
 from parity.checkpoints.spec import Source
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
-from parity.io import atomic_dir
+from parity.io import atomic_dir, verify_zip
 from parity.tokenizer import vocab_size
 
 
@@ -65,6 +66,9 @@ def convert(src: str, dst: str, load_dir: str | Path, save_dir: str | Path, *, t
     if Path(load_dir).resolve() == Path(save_dir).resolve():
         raise UserError(f"{save_dir}: --save-dir must differ from --load-dir")
     source = open_source(src, load_dir, size)
+    for f in sorted(Path(load_dir).rglob("*.pt*")):  # torch files (Meta's, Megatron's) carry CRC-32s
+        if f.suffix in (".pt", ".pth"):
+            verify_zip(f)
     out_dtype = torch_dtype(dtype)
     if tokenizer is not None:
         tok = Path(tokenizer)

@@ -1,5 +1,6 @@
 """Concurrency, end to end: two `parity run` on different results directories run side by side and both
-finish with identical results; a third on a directory in use is refused, naming the holder.
+finish with identical results; a third on a directory in use is refused, naming the holder (held there
+for certain: the holder is stopped while it holds the lock).
 
 The lock itself (kernel-released when the holder dies) is unit-tested in
 tests/test_run_plan.py::test_second_writer_is_refused_naming_the_holder.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,29 +31,44 @@ def digests(run_dir: Path) -> dict[str, str]:
             for p in sorted(run_dir.glob("7b-mini/*/*.jsonl"))}
 
 
+def hold_while_locked(p: subprocess.Popen, lock: Path, timeout: float = 120) -> None:
+    """Stop run `p` (SIGSTOP) at a moment it holds its lock. The lock file names its holder only between
+    taking the lock and releasing it, and a stopped process releases nothing, so once the file names p
+    while p is stopped, p holds the lock until it is continued: the refusal below is certain, not a race."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert p.poll() is None, "the run finished before it was seen holding its lock"
+        assert time.monotonic() < deadline, "the run never took its lock"
+        os.kill(p.pid, signal.SIGSTOP)
+        while Path(f"/proc/{p.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "T":  # stopped for sure
+            time.sleep(0.01)
+        if lock.is_file() and f"parity run pid {p.pid} " in lock.read_text():
+            return
+        os.kill(p.pid, signal.SIGCONT)
+        time.sleep(0.1)
+
+
 def test_two_runs_side_by_side_and_a_third_on_a_busy_directory(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     pa, pb = start(a), start(b)
     try:
         lock = a / ".lock"
-        deadline = time.monotonic() + 120
-        while not (lock.is_file() and lock.read_text().strip()) and pa.poll() is None:
-            assert time.monotonic() < deadline, "run a never took its lock"
-            time.sleep(0.2)
-        busy = run_parity(*ARGS, "--out", a)
-        a_was_running = pa.poll() is None
+        hold_while_locked(pa, lock)
+        try:
+            busy = run_parity(*ARGS, "--out", a)
+        finally:
+            os.kill(pa.pid, signal.SIGCONT)
         outs = [p.communicate(timeout=600) for p in (pa, pb)]
     finally:
         for p in (pa, pb):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    assert busy.returncode == 2, busy.stderr[-3000:]
+    assert f"in use by parity run pid {pa.pid}" in busy.stderr and str(lock) in busy.stderr
     assert pa.returncode == 0, outs[0][1][-3000:]
     assert pb.returncode == 0, outs[1][1][-3000:]
     assert digests(a) == digests(b) and len(digests(a)) == 6
-    if a_was_running:  # the normal case: run a takes seconds, the refusal a fraction of that
-        assert busy.returncode == 2, busy.stderr[-3000:]
-        assert f"in use by parity run pid {pa.pid}" in busy.stderr and str(lock) in busy.stderr
     # a's results are intact after the refused attempt: a repeat reuses every unit
     again = run_parity(*ARGS, "--out", a)
     assert again.returncode == 0 and "6 reused, 0 to score" in again.stderr, again.stderr[-3000:]

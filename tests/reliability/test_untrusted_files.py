@@ -1,10 +1,11 @@
 """Untrusted checkpoint files: code-running pickles and absurd size claims are refused with one line.
 
-Covered elsewhere: a code-running Meta consolidated.NN.pth (tests/test_convert.py
-::test_bad_pickle_that_would_run_code), truncated .pth / safetensors files (::test_bad_truncated_files).
-Here: Megatron's model_optim_rng.pt (whose legitimate `args` Namespace must still load), the exact
-allow-list, safetensors headers and .pth storages that claim absurd sizes, through the converter CLI and
-through the workers that `parity run` launches. Commands reading hostile files run under a 4 GiB
+Covered elsewhere: a code-running Meta consolidated.NN.pth through the converter (tests/test_convert.py
+::test_bad_pickle_that_would_run_code), truncated or corrupt .pth / safetensors files
+(::test_bad_truncated_or_corrupt_files). Here: code-running Megatron and Meta files through the workers,
+Megatron's model_optim_rng.pt (whose legitimate `args` Namespace must still load), the exact allow-list,
+safetensors headers and .pth storages that claim absurd sizes, through the converter CLI and through the
+workers that `parity run` launches. Commands reading hostile files run under a 4 GiB
 address-space limit, so an attempt to allocate what the header claims would die with MemoryError.
 """
 
@@ -25,13 +26,14 @@ from pathlib import Path, PosixPath
 
 import pytest
 import torch
-from cli_helpers import RunsCode, assert_one_line_error, run_parity
+from backend_helpers import write_job
+from cli_helpers import RunsCode, assert_one_line_error, limit_address_space, run_parity
 
 import parity.io
 from parity.checkpoints.convert import convert
 from parity.errors import UserError
 from parity.io import load_torch
-from parity.requests import Request, write_requests
+from parity.requests import Request
 
 MG_FILE = Path("release") / "mp_rank_00" / "model_optim_rng.pt"
 
@@ -51,17 +53,15 @@ def converted(tmp_path_factory):
             "hf": convert("meta", "hf", meta, root / "hf")}
 
 
-def score_job(tmp_path: Path, backend: str, checkpoint: Path) -> Path:
-    """A one-request job file, as `parity run` writes them, for `parity score`."""
-    req = tmp_path / "req.jsonl"
-    write_requests(req, [Request((1, 5, 6), (7,))])
-    from parity.backends import backend_info
-
-    job = {"backend": backend, "adapter": backend_info(backend).adapter, "checkpoint": str(checkpoint), "tp": 1, "device": "cpu", "dtype": "fp32",
-           "units": [{"name": "t", "requests": str(req), "output": str(tmp_path / "scores" / "t.jsonl")}]}
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(job))
+def score_job(tmp_path: Path, backend: str, checkpoint: Path, name: str = "job") -> Path:
+    """A one-request job file (the typed Job `parity run` writes) for `parity score`."""
+    path = tmp_path / f"{name}.json"
+    write_job(path, backend, checkpoint, 1, {"t": [Request((1, 5, 6), (7,))]})
     return path
+
+
+def scores_of(job: Path) -> Path:
+    return job.parent / f"{job.stem}.t.scores.jsonl"  # where write_job puts unit t's output
 
 
 # ---------------------------------------------------------------------------------------------- pickles
@@ -144,9 +144,10 @@ def test_megatron_checkpoint_that_runs_code_is_refused(where, converted, tmp_pat
     assert_one_line_error(r, str(f), "refused", "open")
     assert not (tmp_path / "out").exists() and not marker.exists()
     # the worker `parity run` launches for the megatron backend refuses it the same way
-    r = run_parity("score", score_job(tmp_path, "megatron", mg))
-    assert_one_line_error(r, str(f), "refused")
-    assert not marker.exists() and not (tmp_path / "scores" / "t.jsonl").exists()
+    job = score_job(tmp_path, "megatron", mg)
+    r = run_parity("score", job)
+    assert_one_line_error(r, str(f), "refused", "open")
+    assert not marker.exists() and not scores_of(job).exists()
     # the payload is live: an unsafe load does run it, so the checks above could have failed
     torch.load(f, weights_only=False)
     assert marker.exists()
@@ -215,14 +216,46 @@ def test_safetensors_claiming_absurd_sizes_converter(edit, converted, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("edit", [_header_len, _shape], ids=lambda f: f.__name__.strip("_"))
-def test_safetensors_claiming_absurd_sizes_hf_worker(edit, converted, tmp_path):
-    hf = tmp_path / "hf"
-    shutil.copytree(converted["hf"], hf)
-    shard = sorted(hf.glob("*.safetensors"))[0]
-    _rewrite_safetensors(shard, edit)
-    r = run_parity("score", score_job(tmp_path, "hf", hf), limit_memory=True)
-    assert_one_line_error(r, str(hf))
+# `parity score` on several jobs in one interpreter under the address-space limit (transformers is
+# imported once, not once per case): each job's exit code and stderr, as the CLI gives them.
+SCORE_EACH = """
+import contextlib, io, json, sys
+from parity.cli import main
+results = []
+for job in sys.argv[1:]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(["score", job])
+        except BaseException as e:  # reported, so the test fails naming it
+            rc, err = -1, io.StringIO(f"Traceback (in the test driver): {type(e).__name__}: {e}")
+    results.append({"rc": rc, "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def test_safetensors_claiming_absurd_sizes_hf_worker(converted, tmp_path):
+    """Every absurd header through the hf worker, and the unmodified files as a control under the same
+    limit: the limit leaves room for a real load, so a refusal is the file's doing, not the limit's."""
+    jobs = [score_job(tmp_path, "hf", converted["hf"], "control")]
+    shards = []
+    for edit in ABSURD_HEADERS:
+        hf = tmp_path / edit.__name__.strip("_")
+        shutil.copytree(converted["hf"], hf)
+        shards.append(sorted(hf.glob("*.safetensors"))[0])
+        _rewrite_safetensors(shards[-1], edit)
+        jobs.append(score_job(tmp_path, "hf", hf, hf.name))
+    r = subprocess.run([sys.executable, "-c", SCORE_EACH, *map(str, jobs)], capture_output=True, text=True,
+                       timeout=600, preexec_fn=limit_address_space)
+    assert r.returncode == 0, r.stderr[-3000:]
+    control, *damaged = json.loads(r.stdout.strip().splitlines()[-1])
+    assert control["rc"] == 0, control["stderr"][-3000:]
+    assert scores_of(jobs[0]).is_file()
+    for job, shard, res in zip(jobs[1:], shards, damaged):
+        print(f"{shard.parent.name}: {res['stderr'].strip()}")
+        one = subprocess.CompletedProcess([], res["rc"], "", res["stderr"])
+        assert_one_line_error(one, str(shard.parent), "cannot load HF checkpoint", "header")
+        assert not scores_of(job).exists()
 
 
 def _claim_huge_storage(path: Path) -> None:
@@ -259,4 +292,19 @@ def test_pth_claiming_huge_storage_converter_and_meta_worker(meta_copy, tmp_path
                    limit_memory=True)
     assert_one_line_error(r, str(f), "cannot read checkpoint")
     r = run_parity("score", score_job(tmp_path, "meta", meta), limit_memory=True)
-    assert_one_line_error(r, str(f))
+    assert_one_line_error(r, str(f), "cannot read checkpoint")
+
+
+def test_meta_checkpoint_that_runs_code_is_refused_by_the_meta_worker(meta_copy, tmp_path):
+    meta = meta_copy()
+    marker = tmp_path / "pwned"
+    f = meta / "consolidated.00.pth"
+    sd = load_torch(f)
+    sd["rope.freqs"] = RunsCode(marker)
+    torch.save(sd, f)
+    job = score_job(tmp_path, "meta", meta)
+    r = run_parity("score", job)
+    assert_one_line_error(r, str(f), "refused", "open")
+    assert not marker.exists() and not scores_of(job).exists()
+    torch.load(f, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
