@@ -173,9 +173,9 @@ def _megatron_pieces(tok, ids):
 
 # ---------------------------------------------------------------------------------------- tiktoken
 def _tiktoken_load(path: Path):
-    from llama_models.llama3.tokenizer import Tokenizer
+    from parity.tokenizer import KINDS as FILE_KINDS  # the one loader of a tiktoken file (bad file: one line)
 
-    return Tokenizer(path)
+    return FILE_KINDS["tiktoken"].load(path)
 
 
 def _tiktoken_encode(tok, texts):
