@@ -4,7 +4,9 @@ Megatron at TP 1, 2 and 8 and Meta at MP 1, 2 (8 files re-sharded) and at its na
 with themselves within 1e-5 (+ 1e-6 relative). With the real Llama-2 tokenizer (vocab 32000, from
 ../shared; the module is skipped without it) Megatron's TP 8 checkpoint pads the vocab to 32768: the
 padded rows are filled with NaN and the scores must still agree. A repeated launch (TP 2, both stacks)
-writes byte-identical scores. Few launches: each is one job with two units.
+writes byte-identical scores. Few launches: each is one job with two units. The TP 1 references are
+scored in this process (as tests/test_backends_parity.py scores them; every `parity run` in the suite
+takes the worker path at TP 1): a launch would only add a worker's start-up.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def run(setup, backend: str, ckpt, tp: int, name: str | None = None, only: str |
             [outs[name].read_bytes() for name in units])
 
 
+def in_process(setup, backend: str, ckpt) -> list:
+    """Scores in request order at TP 1, loaded in this process (world size 1 needs no torchrun)."""
+    from parity.backends.worker import load_backend
+
+    b = load_backend(backend, ckpt, tp=1, device="cpu", dtype="fp32")
+    return [s for reqs in setup[1].values() for s in b.loglikelihood(reqs, "auto")]
+
+
 def poisoned_padding(tp8: Path, out: Path) -> Path:
     """A copy of a TP 8 checkpoint whose padded vocab rows (embedding and output layer) are NaN."""
     import torch
@@ -70,10 +80,11 @@ def poisoned_padding(tp8: Path, out: Path) -> Path:
 def test_megatron_tp_1_2_8_and_meta_mp_1_8_agree(setup):
     meta_dir, units, tmp = setup
     runs = {
-        "meta mp1": run(setup, "meta", meta_dir, 1),
+        "meta mp1": (in_process(setup, "meta", meta_dir), None),
+        "megatron tp1": (in_process(setup, "megatron", converted(meta_dir, "megatron", 1)), None),
         "meta mp8 (native files)": run(setup, "meta", meta_dir, 8),
         "meta mp2 (re-sharded files)": run(setup, "meta", meta_dir, 2),
-        **{f"megatron tp{tp}": run(setup, "megatron", converted(meta_dir, "megatron", tp), tp) for tp in (1, 2)},
+        "megatron tp2": run(setup, "megatron", converted(meta_dir, "megatron", 2), 2),
         # TP 8 on a copy whose 768 padded vocab rows are NaN: equal to TP 1 below, so the padded logits are
         # never scored (one NaN would show)
         "megatron tp8": run(setup, "megatron", poisoned_padding(converted(meta_dir, "megatron", 8),
