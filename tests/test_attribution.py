@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from backend_helpers import meta_checkpoint, real_requests
 from cli_helpers import assert_one_line_error, run_parity
 
@@ -86,13 +85,13 @@ def test_distance_numbers():
 def test_attribute_end_to_end(tmp_path):
     out = tmp_path / "attr"
     r = run_parity("attribute", "--size", "7b-mini", "--dtype", "bf16", "--tests", "xcopa_en,boolq",
-                   "--variants", "sincos_rope,all,all+rmsnorm", "--limit", "2", "--out", str(out), "--json")
+                   "--variants", "all,all+rmsnorm", "--limit", "2", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result == json.loads((out / "attribution.json").read_text())
     assert (out / "attribution.md").read_text().startswith("# Attribution")
     by = {v["cause"]: v for v in result["variants"]}
-    assert list(by) == ["sincos_rope", "all", "all+rmsnorm"] and by["all"]["causes"] == list(DOC_CAUSES)
+    assert list(by) == ["all", "all+rmsnorm"] and by["all"]["causes"] == list(DOC_CAUSES)
     g = result["megatron"]
     assert g["n_docs"] == 4 and g["max_abs_delta"] > 1e-3  # bf16: Megatron differs from Meta
     assert result["residual"] == {"cause": "all", **by["all"]["vs_megatron"],
@@ -102,7 +101,7 @@ def test_attribute_end_to_end(tmp_path):
     assert by["all+rmsnorm"]["vs_megatron"]["max_abs_delta"] < 0.1 * g["mean_abs_delta"]
     # every run is an ordinary, resumable run directory: a second call scores nothing
     again = run_parity("attribute", "--size", "7b-mini", "--dtype", "bf16", "--tests", "xcopa_en,boolq",
-                       "--variants", "sincos_rope,all,all+rmsnorm", "--limit", "2", "--out", str(out), "--json")
+                       "--variants", "all,all+rmsnorm", "--limit", "2", "--out", str(out), "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["variants"] == result["variants"]
     assert "0 to score" in again.stderr and "scoring" not in again.stderr
 
