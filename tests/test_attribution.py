@@ -14,10 +14,11 @@ import pytest
 from backend_helpers import meta_checkpoint, real_requests
 from cli_helpers import assert_one_line_error, run_parity
 
-from parity.attribution import CAUSES, DOC_CAUSES, VARIANTS, patches
+from parity.attribution import CAUSES, DOC_CAUSES, VARIANTS, check_causes, patches
 from parity.attribution.table import distance
 from parity.backends.worker import load_backend
 from parity.checkpoints import tokenizer_path
+from parity.errors import UserError
 
 
 def _scores(ckpt, reqs, dtype, causes=None):
@@ -29,7 +30,7 @@ def _scores(ckpt, reqs, dtype, causes=None):
 # each variant on the multi-head size; on 70b-mini (8 query heads per kv head: the fused QKV's per-group
 # order, repeat_kv) the variants whose code depends on the grouping
 @pytest.mark.parametrize("size,variants", [("7b-mini", list(VARIANTS)),
-                                           ("70b-mini", ["fused_projections", "all+rmsnorm"])])
+                                           ("70b-mini", ["fused_projections", "all+rmsnorm+rotate_half_layout"])])
 def test_every_variant_is_the_same_math_in_fp64(size, variants):
     ckpt = meta_checkpoint(size)
     reqs = real_requests(tokenizer_path(ckpt), n_copa=4, n_mmlu=1)
@@ -85,23 +86,23 @@ def test_distance_numbers():
 def test_attribute_end_to_end(tmp_path):
     out = tmp_path / "attr"
     r = run_parity("attribute", "--size", "7b-mini", "--dtype", "bf16", "--tests", "xcopa_en,boolq",
-                   "--variants", "all,all+rmsnorm", "--limit", "2", "--out", str(out), "--json")
+                   "--variants", "all,all+rmsnorm+rotate_half_layout", "--limit", "2", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result == json.loads((out / "attribution.json").read_text())
     assert (out / "attribution.md").read_text().startswith("# Attribution")
     by = {v["cause"]: v for v in result["variants"]}
-    assert list(by) == ["all", "all+rmsnorm"] and by["all"]["causes"] == list(DOC_CAUSES)
+    assert list(by) == ["all", "all+rmsnorm+rotate_half_layout"] and by["all"]["causes"] == list(DOC_CAUSES)
     g = result["megatron"]
     assert g["n_docs"] == 4 and g["max_abs_delta"] > 1e-3  # bf16: Megatron differs from Meta
     assert result["residual"] == {"cause": "all", **by["all"]["vs_megatron"],
                                   "share_of_megatron": by["all"]["vs_megatron"]["mean_abs_delta"] / g["mean_abs_delta"]}
-    # the cause found in the residual: with it, Meta's code computes what megatron-core computes (measured:
+    # with the causes found in the residual, Meta's code computes what megatron-core computes (measured:
     # exactly on this CPU; held to a tenth of Megatron's own difference)
-    assert by["all+rmsnorm"]["vs_megatron"]["max_abs_delta"] < 0.1 * g["mean_abs_delta"]
+    assert by["all+rmsnorm+rotate_half_layout"]["vs_megatron"]["max_abs_delta"] < 0.1 * g["mean_abs_delta"]
     # every run is an ordinary, resumable run directory: a second call scores nothing
     again = run_parity("attribute", "--size", "7b-mini", "--dtype", "bf16", "--tests", "xcopa_en,boolq",
-                       "--variants", "all,all+rmsnorm", "--limit", "2", "--out", str(out), "--json")
+                       "--variants", "all,all+rmsnorm+rotate_half_layout", "--limit", "2", "--out", str(out), "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["variants"] == result["variants"]
     assert "0 to score" in again.stderr and "scoring" not in again.stderr
 
@@ -117,3 +118,5 @@ def test_attribute_refuses_what_it_cannot_patch(tmp_path):
     r = run_parity("attribute", "--size", "7b-mini", "--variants", "flash", "--out", str(tmp_path))
     assert_one_line_error(r, "unknown variant 'flash'")
     assert set(CAUSES) >= set(DOC_CAUSES)
+    with pytest.raises(UserError, match="needs sincos_rope"):  # the rotate-half layout is rotated by sin/cos only
+        check_causes(["rotate_half_layout"], "job")

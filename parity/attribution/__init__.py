@@ -37,18 +37,25 @@ CAUSES: dict[str, Cause] = {c.name: c for c in [
     Cause("rmsnorm", "torch.nn.functional.rms_norm (megatron-core's local spec: torch.nn.RMSNorm), one rounding "
                      "to the compute dtype after the weight", "RMSNorm: normalise in fp32, round, then x weight",
           doc=False),
+    Cause("rotate_half_layout", "q/k rows in the rotate-half order Megatron's (and HF's) checkpoints hold, rotated "
+                                "by megatron-core's non-interleaved sin/cos: q.k sums head_dim in another order",
+          "Meta's interleaved (pairwise) q/k rows and rotary", doc=False),
 ]}
 
 DOC_CAUSES = tuple(n for n, c in CAUSES.items() if c.doc)
 EXTRA_CAUSES = tuple(n for n, c in CAUSES.items() if not c.doc)
 
-# variant name -> the causes switched to Megatron's way. Each cause alone; the doc's four together ("all");
-# and the four plus each cause found in the residual ("all+<cause>").
+# What a cause cannot exist without: the rotate-half layout is only rotated by sin/cos.
+NEEDS = {"rotate_half_layout": ("sincos_rope",)}
+
+# variant name -> the causes switched to Megatron's way. Each cause alone (with what it needs); the doc's
+# four together ("all"); then the four plus the causes found in the residual, added one at a time in
+# EXTRA_CAUSES' order ("all+rmsnorm", "all+rmsnorm+rotate_half_layout"): the last is Megatron's arithmetic.
 VARIANTS: dict[str, tuple[str, ...]] = {
     **{n: (n,) for n in DOC_CAUSES},
     "all": DOC_CAUSES,
-    **{n: (n,) for n in EXTRA_CAUSES},
-    **{f"all+{n}": DOC_CAUSES + (n,) for n in EXTRA_CAUSES},
+    **{n: NEEDS.get(n, ()) + (n,) for n in EXTRA_CAUSES},
+    **{"+".join(("all",) + EXTRA_CAUSES[:i + 1]): DOC_CAUSES + EXTRA_CAUSES[:i + 1] for i in range(len(EXTRA_CAUSES))},
 }
 
 
@@ -58,4 +65,7 @@ def check_causes(causes, where: str) -> tuple[str, ...]:
     unknown = [c for c in causes if c not in CAUSES]
     if unknown:
         raise UserError(f"{where}: unknown attribution cause {unknown[0]!r}; known: {', '.join(CAUSES)}")
+    for c in causes:
+        if any(n not in causes for n in NEEDS.get(c, ())):
+            raise UserError(f"{where}: cause {c!r} needs {', '.join(NEEDS[c])} switched too")
     return tuple(causes)

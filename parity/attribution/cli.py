@@ -59,20 +59,23 @@ def variants_of(arg: str | None) -> dict[str, tuple[str, ...]]:
 
 def plans(args):
     from parity.arch import get_size
+    from parity.config import code_digest
     from parity.run import make_plan
 
     size = get_size(args.size).name
     check_checkpoints(args.checkpoint)
     variants = variants_of(args.variants)
     base = make_plan(_run_args(args, size))
+    # the patches' source enters every meta unit's inputs: results of changed patches are never reused
+    patches = code_digest("attribution/patches.py", "backends/meta.py")
     out = Path(args.out or f"results/attribute/{size}-{base.dtype}-{base.device}")
     # plain Meta as attribution runs it: the same loader path as the variants (fp64: fp32 casts widened)
     base = dataclasses.replace(base, run_dir=out / "base", tokenizer_vocab={},
-                               backend_options={**base.backend_options, "meta": {"attribution": []}})
+                               backend_options={**base.backend_options, "meta": {"attribution": [], "patches": patches}})
     meta_only = {size: {"meta": base.checkpoints[size]["meta"]}}
     per_variant = {v: dataclasses.replace(base, run_dir=out / "variants" / v, backends=["meta"],
                                           checkpoints=meta_only, tokenizer_vocab={},
-                                          backend_options={"meta": {"attribution": list(causes)}})
+                                          backend_options={"meta": {"attribution": list(causes), "patches": patches}})
                    for v, causes in variants.items()}
     return size, out, base, per_variant
 

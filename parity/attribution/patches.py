@@ -35,9 +35,13 @@ def apply(model, causes, size, device: torch.device, widen: bool) -> None:
         t = torch.arange(model.freqs_cis.shape[0], dtype=torch.float64, device=device)
         angles = torch.outer(t, inv_freq)
         model.freqs_cis = torch.polar(torch.ones_like(angles), angles)  # complex128, as llama_models' in fp64
-    rope = _megatron_rope(size, device, inv_freq) if "sincos_rope" in causes else None
+    rotate_half = "rotate_half_layout" in causes
+    rope = _megatron_rope(size, device, inv_freq, interleaved=not rotate_half) if "sincos_rope" in causes else None
     for layer in model.layers:
         att, ff = layer.attention, layer.feed_forward
+        if rotate_half:  # the converters' permutation of q/k rows (Meta pairwise -> rotate-half), per head
+            for linear in (att.wq, att.wk):
+                linear.weight.data = _rotate_half_rows(linear.weight.data, att.head_dim)
         if "fused_projections" in causes:
             att._parity_wqkv = _fused_qkv_weight(att)
             ff._parity_w13 = torch.cat([ff.w1.weight, ff.w3.weight])
@@ -108,7 +112,10 @@ def attention_forward(self, x, start_pos, freqs_cis, mask):
     if mask is not None:
         scores = scores + mask
     scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-    output = torch.matmul(scores, values)
+    if "baddbmm" in causes:
+        output = _bmm_context(scores, values)
+    else:
+        output = torch.matmul(scores, values)
     output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
     return self.wo(output)
 
@@ -140,15 +147,31 @@ def _fused_ffn_forward(self, x):
 
 
 # ---- baddbmm: megatron-core's DotProductAttention ------------------------------------------------------
+# Megatron keeps q, k, v as [s, b * heads, head_dim] buffers and multiplies their [b * heads, ...] views with
+# 3-d batched products; the products' operands have those strides (which CPU and GPU kernels see).
+def _megatron_buffer(t: torch.Tensor) -> torch.Tensor:
+    """[b, h, s, d] -> megatron's [s, b * h, d] buffer (a copy in that memory order)."""
+    b, h, s, d = t.shape
+    return t.permute(2, 0, 1, 3).reshape(s, b * h, d)
+
+
 def _baddbmm_scores(xq: torch.Tensor, keys: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[b, h, s, d] x [b, h, sk, d] -> [b, h, s, sk]: the scale is baddbmm's alpha (softmax_scale =
     1/sqrt(head_dim)) applied inside the product, beta=0 over an uninitialised buffer, as megatron does."""
-    b, h, s, d = xq.shape
+    b, h, s, _ = xq.shape
     sk = keys.shape[2]
+    q, k = _megatron_buffer(xq), _megatron_buffer(keys)
     buffer = torch.empty(b * h, s, sk, dtype=xq.dtype, device=xq.device)
-    out = torch.baddbmm(buffer, xq.reshape(b * h, s, d), keys.reshape(b * h, sk, d).transpose(1, 2),
+    out = torch.baddbmm(buffer, q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2),
                         beta=0.0, alpha=1.0 / math.sqrt(head_dim))
     return out.view(b, h, s, sk)
+
+
+def _bmm_context(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """probs [b, h, s, sk] x values [b, h, sk, d] -> [b, h, s, d] by torch.bmm on megatron's buffers."""
+    b, h, s, sk = probs.shape
+    v = _megatron_buffer(values)
+    return torch.bmm(probs.reshape(b * h, s, sk), v.transpose(0, 1)).view(b, h, s, v.shape[-1])
 
 
 # ---- sincos_rope: megatron-core's RotaryEmbedding ------------------------------------------------------
@@ -160,13 +183,19 @@ def _inv_freq_fp64(size) -> torch.Tensor:
     return apply_scaling(inv) if size.rope_scaling is not None else inv
 
 
-def _megatron_rope(size, device: torch.device, inv_freq: torch.Tensor | None):
-    """megatron-core's RotaryEmbedding for Meta's interleaved (pairwise) q/k layout; `inv_freq`: the fp64
-    table of an fp64 comparison (else megatron's own fp32 one)."""
+def _rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Within each head, rows (0, 1), (2, 3), ... -> (0, 2, 4, ..., 1, 3, 5, ...): the rotate-half layout."""
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(w.device)
+    return w.view(-1, head_dim, w.shape[-1])[:, order].reshape(w.shape)
+
+
+def _megatron_rope(size, device: torch.device, inv_freq: torch.Tensor | None, interleaved: bool = True):
+    """megatron-core's RotaryEmbedding: interleaved for Meta's pairwise q/k layout, else rotate-half (Megatron's
+    own checkpoints); `inv_freq`: the fp64 table of an fp64 comparison (else megatron's own fp32 one)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     scaling = size.rope_scaling
-    rope = RotaryEmbedding(kv_channels=size.head_dim, rotary_percent=1.0, rotary_interleaved=True,
+    rope = RotaryEmbedding(kv_channels=size.head_dim, rotary_percent=1.0, rotary_interleaved=interleaved,
                            rotary_base=size.rope_theta, rope_scaling=scaling is not None,
                            rope_scaling_factor=scaling.factor if scaling else 8.0, use_cpu_initialization=True)
     rope.inv_freq = (inv_freq if inv_freq is not None else rope.inv_freq).to(device)
@@ -183,8 +212,9 @@ def _megatron_rotary(rope, xq: torch.Tensor, xk: torch.Tensor, start_pos: int):
     with guard:
         emb = rope.get_emb(start_pos + xq.shape[1])[start_pos:]  # [s, 1, 1, hd]
     # megatron's layout is [s, b, h, d], Meta's [b, s, h, d]: a transposed view, the same elementwise ops
-    q = _apply_rotary_pos_emb_bshd(xq.transpose(0, 1), emb, rotary_interleaved=True).transpose(0, 1)
-    k = _apply_rotary_pos_emb_bshd(xk.transpose(0, 1), emb, rotary_interleaved=True).transpose(0, 1)
+    interleaved = rope.rotary_interleaved
+    q = _apply_rotary_pos_emb_bshd(xq.transpose(0, 1), emb, rotary_interleaved=interleaved).transpose(0, 1)
+    k = _apply_rotary_pos_emb_bshd(xk.transpose(0, 1), emb, rotary_interleaved=interleaved).transpose(0, 1)
     return q, k
 
 
