@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 
+from parity.attribution import VARIANTS
 from parity.backends import BACKENDS, default_backends
 from parity.checkpoints import MARKERS, MEGATRON_FORMATS, MEGATRON_SPECS
 from parity.dtypes import DTYPES
@@ -119,6 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", help="with --run: the document id (default: the largest |delta loglik| in the test)")
     p.add_argument("--text", help="explain this text instead (default without --run: a fixed sentence)")
     p.add_argument("--out", help="where explain.md/.json/.png go")
+    p.add_argument("--json", action="store_true", help="print the json instead of the markdown table")
+
+    p = _verb(sub, "attribute", "parity.attribution.cli:cli_attribute",
+              "score variants of Meta's reference switched to Megatron's way at one cause each (fused "
+              "projections, baddbmm, sin/cos rotary, default dtype, ...): what explains Meta vs Megatron")
+    p.add_argument("--size", required=True, help="one size (e.g. 7b-mini, 7b)")
+    p.add_argument("--variants", help=f"comma-separated variants (default all: {','.join(VARIANTS)})")
+    p.add_argument("--tests", help="comma-separated test ids (see `parity tasks`)")
+    p.add_argument("--suites", help="comma-separated suite ids: bigbench,xcopa,lm-eval,mmlu")
+    p.add_argument("--limit", type=int, help="score at most N documents per test")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--data-dir", help="real data in the layout of docs (default: the bundled samples)")
+    p.add_argument("--config", help="yaml with checkpoint locations (as for `parity run`)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="SIZE:BACKEND=DIR",
+                   help="Meta's files (SIZE:meta=DIR) and optionally the megatron checkpoint (SIZE:megatron=DIR)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size of the megatron backend (as for `parity run`)")
+    p.add_argument("--batch-size", default="auto", help="N or auto")
+    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default="local")
+    p.add_argument("--megatron-spec", choices=list(MEGATRON_SPECS), default="local")
+    p.add_argument("--skip-bad-docs", action="store_true")
+    p.add_argument("--online", action="store_true", help="fetch datasets from the hub instead of --data-dir")
+    p.add_argument("--out", help="results directory (default results/attribute/<size>-<dtype>-<device>)")
     p.add_argument("--json", action="store_true", help="print the json instead of the markdown table")
 
     p = _verb(sub, "convert", "parity.checkpoints.convert:cli_convert",

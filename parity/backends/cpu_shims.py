@@ -29,7 +29,7 @@ _APPLIED = False
 
 
 @contextlib.contextmanager
-def _current_device_is_cpu():
+def current_device_is_cpu():
     original = torch.cuda.current_device
     torch.cuda.current_device = lambda: "cpu"
     try:
@@ -41,7 +41,7 @@ def _current_device_is_cpu():
 def _on_cpu(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with _current_device_is_cpu():
+        with current_device_is_cpu():
             return method(*args, **kwargs)
     return wrapper
 

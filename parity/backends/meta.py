@@ -26,6 +26,7 @@ import math
 import torch
 
 from parity.arch import Size
+from parity.attribution import check_causes
 from parity.backends.base import Backend
 from parity.backends.dist import init_distributed, load_in_turns
 from parity.checkpoints.spec import leaf
@@ -111,22 +112,33 @@ class MetaBackend(Backend):
         self.cache_bytes_per_token = 2 * src.spec.size.n_layers * math.prod(self._kv_shape) * \
             torch_dtype(self.dtype).itemsize
 
+        attributed = "attribution" in self.options
+        causes = check_causes(self.options.get("attribution") or [], f"{checkpoint}: option attribution")
+        # Megatron's way (the default_dtype cause): build in fp32, then cast the module as Float16Module does
+        build_dtype = torch.get_default_dtype() if "default_dtype" in causes else torch_dtype(self.dtype)
+
         def build_and_load():
             previous = torch.get_default_dtype()
-            torch.set_default_dtype(torch_dtype(self.dtype))  # as Llama-2's loader does before Transformer(...)
+            torch.set_default_dtype(build_dtype)  # as Llama-2's loader does before Transformer(...)
             try:
                 model = Transformer(args)  # on the CPU: see the module docstring
             finally:
                 torch.set_default_dtype(previous)
             for layer in model.layers:  # the max_batch_size x max_seq_len cache made on the CPU: replaced
                 layer.attention.cache_k = layer.attention.cache_v = None  # by views of one buffer (reserve)
-            model.to(self.device)  # parameters only: freqs_cis and the kv cache are plain attributes
+            # parameters only: freqs_cis and the kv cache are plain attributes
+            model.to(device=self.device, dtype=torch_dtype(self.dtype))
             model.freqs_cis = model.freqs_cis.to(self.device)
             model.load_state_dict(rank_state(src, self.rank, world), strict=True)
             return model
 
         self.model = load_in_turns(build_and_load) if self.device.type == "cuda" else build_and_load()
         self.model.eval()
+        self._widen = attributed and self.dtype == "fp64"
+        if attributed:
+            from parity.attribution import patches
+
+            patches.apply(self.model, causes, size, self.device, widen=self._widen)
         self._cache_tokens = 0
 
     # Attention scores [batch, local heads, T, T]: matmul, scaling and mask add in the compute dtype, then
@@ -159,4 +171,9 @@ class MetaBackend(Backend):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         self._view_kv_cache(*tokens.shape)
+        if self._widen:
+            from parity.attribution.patches import widened
+
+            with widened():
+                return self.model(tokens, 0)[..., :self.vocab_size]
         return self.model(tokens, 0)[..., :self.vocab_size]

@@ -82,9 +82,7 @@ def compare(ref_rows: list[dict], other_rows: list[dict]) -> dict:
     """
     other_by_id = {str(r["doc_id"]): r for r in other_rows}
     ref_ids = {str(r["doc_id"]) for r in ref_rows}
-    other_ll = {h: ll for r in other_rows for h, ll in zip(r["request_hashes"], r["loglik"])}
     flips, b, c, n_docs = [], 0, 0, 0
-    deltas = []
     unmatched_docs = 0
     for r in ref_rows:
         o = other_by_id.get(str(r["doc_id"]))
@@ -97,17 +95,7 @@ def compare(ref_rows: list[dict], other_rows: list[dict]) -> dict:
         rc, oc = doc_correct(r), doc_correct(o)
         b += rc and not oc
         c += oc and not rc
-    unmatched_choices = 0
-    seen = set()
-    for r in ref_rows:
-        for h, ll in zip(r["request_hashes"], r["loglik"]):
-            if h in seen:  # a request shared by several documents is one number, counted once
-                continue
-            seen.add(h)
-            if h in other_ll:
-                deltas.append(abs(ll - other_ll[h]))
-            else:
-                unmatched_choices += 1
+    deltas, unmatched_choices = abs_deltas(ref_rows, other_rows)
     unmatched_docs += sum(1 for i in other_by_id if i not in ref_ids)
     return {
         "n_docs": n_docs,
@@ -122,6 +110,23 @@ def compare(ref_rows: list[dict], other_rows: list[dict]) -> dict:
         "unmatched_choices": unmatched_choices,
         "hist": histogram(deltas),
     }
+
+
+def abs_deltas(ref_rows: list[dict], other_rows: list[dict]) -> tuple[list[float], int]:
+    """|delta loglik| of every request both sides scored (matched by hash; a request shared by several
+    documents is one number, counted once), and the number of the reference's requests the other lacks."""
+    other_ll = {h: ll for r in other_rows for h, ll in zip(r["request_hashes"], r["loglik"])}
+    deltas, unmatched, seen = [], 0, set()
+    for r in ref_rows:
+        for h, ll in zip(r["request_hashes"], r["loglik"]):
+            if h in seen:
+                continue
+            seen.add(h)
+            if h in other_ll:
+                deltas.append(abs(ll - other_ll[h]))
+            else:
+                unmatched += 1
+    return deltas, unmatched
 
 
 def histogram(deltas: list[float]) -> dict:
