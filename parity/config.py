@@ -17,7 +17,7 @@ from pathlib import Path
 from parity import arch
 from parity.backends import backend_info
 from parity.errors import UserError
-from parity.io import cache_dir, fingerprint_dir, read_yaml_mapping
+from parity.io import build_lock, cache_dir, fingerprint_dir, read_yaml_mapping
 
 def code_digest(*patterns: str) -> str:
     """Hash of some of parity's own source files: cached outputs of changed code are never reused."""
@@ -158,6 +158,8 @@ def cached_conversion(meta_dir: Path, fmt: str, size: arch.Size, tp: int | None 
     suffix = f"-tp{target_tp}" if target_tp else ""
     out = cache_dir() / "converted" / f"{size.name}-{key}" / f"{fmt}{suffix}"
     if not out.is_dir():
-        print(f"parity: converting {meta_dir} -> {fmt}{suffix} in {out}", file=sys.stderr, flush=True)
-        convert("meta", fmt, meta_dir, out, target_tp=target_tp)
+        with build_lock(out):
+            if not out.is_dir():
+                print(f"parity: converting {meta_dir} -> {fmt}{suffix} in {out}", file=sys.stderr, flush=True)
+                convert("meta", fmt, meta_dir, out, target_tp=target_tp)
     return out

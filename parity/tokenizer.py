@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from parity.errors import UserError
-from parity.io import atomic_file, cache_dir
+from parity.io import atomic_file, build_lock, cache_dir
 
 CORPUS = Path(__file__).parent / "checkpoints" / "tokenizer_corpus.txt"
 
@@ -49,14 +49,16 @@ def default_tokenizer() -> Path:
     key = hashlib.sha256(corpus + json.dumps(TRAINER_SETTINGS, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "tokenizers" / f"parity-{key}.model"
     if not path.is_file():
-        import sentencepiece as spm
+        with build_lock(path):
+            if not path.is_file():
+                import sentencepiece as spm
 
-        buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(corpus.decode("utf-8").splitlines()), model_writer=buf,
-            **TRAINER_SETTINGS)
-        with atomic_file(path, "wb") as f:
-            f.write(buf.getvalue())
+                buf = io.BytesIO()
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter(corpus.decode("utf-8").splitlines()), model_writer=buf,
+                    **TRAINER_SETTINGS)
+                with atomic_file(path, "wb") as f:
+                    f.write(buf.getvalue())
     return path
 
 

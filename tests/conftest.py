@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,31 @@ def pytest_configure(config):
     # so they are set here, before any test imports it.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # Parallel workers (pytest-xdist) split the cores between them, and so do the stacks they start
+    # (parity's own workers read OMP_NUM_THREADS): oversubscribed thread pools spin and wait on each
+    # other. Scores do not depend on it (the noise floor's thread perturbation finds them bit-identical).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        if "torch" in sys.modules:  # already imported by a plugin: its pool has read the old value
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# Files whose tests take minutes, started first so that no worker is left alone with one at the end
+# (pyproject's --no-loadscope-reorder keeps this order; xdist would otherwise put files with many tests first).
+SLOWEST_FIRST = ["test_backends_tp.py", "test_explain_corpus.py", "test_torch_dist.py", "test_run_e2e.py",
+                 "test_attribution.py", "test_stale_results.py", "test_concurrency.py", "test_numerical_faults.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4. Many tests start multi-rank workers of their own (up to
+    8 ranks), and each worker process holds torch, transformers and megatron-core in memory."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -79,7 +79,7 @@ def _floor_run(tmp_path, perturb=None, noise=None):
         for t in TESTS:
             for p in ("batch1", "repeat"):
                 rows = read_rows(run, "7b-mini", b, t)
-                rows = (perturb or (lambda rows, p: _moved(rows, 2, 1e-3) if p == "batch1" else rows))(rows, p)
+                rows = (perturb or (lambda rows, p, b: _moved(rows, 2, 1e-3) if p == "batch1" else rows))(rows, p, b)
                 path = run / "floor" / p / "7b-mini" / b / f"{t}.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -113,6 +113,24 @@ def test_report_floor_section_summary_and_check(tmp_path, capsys):
     assert main(["check", str(run), "--max-floor-ratio", "1e9", "--max-mean-error", "100"]) == 0
 
 
+def test_each_stacks_own_floor_is_reported(tmp_path):
+    """The comparisons show the larger of two floors; the per-stack table keeps them apart: here meta's
+    perturbations move nothing, hf's batch1 flips document 3 of boolq, megatron's moves a choice by 1e-3."""
+    def perturb(rows, p, b):
+        if p != "batch1" or b == "meta":
+            return rows
+        return _flipped(rows, 3) if b == "hf" else _moved(rows, 2, 1e-3)
+
+    report = build_report(_floor_run(tmp_path, perturb=perturb))
+    per = report["floor"]["per"]["7b-mini"]
+    assert per["meta"]["boolq"]["max_abs_delta"] == 0 and per["hf"]["boolq"]["flipped_docs"] == ["3"]
+    md = render_markdown(report)
+    table = md[md.index("### 7b-mini: each stack's floor"):].splitlines()
+    assert table[4] == "| test | meta | hf | megatron |"
+    boolq = next(ln for ln in table if ln.startswith("| boolq |")).split(" | ")
+    assert boolq[1] == "0 / 0" and "(1 flip: 3)" in boolq[2] and boolq[3].startswith("1.00e-03 / ")
+
+
 def test_a_floor_measured_against_another_plain_unit_is_left_out(tmp_path):
     run = _floor_run(tmp_path)
     m = json.loads((run / "manifest.json").read_text())
@@ -125,7 +143,7 @@ def test_a_floor_measured_against_another_plain_unit_is_left_out(tmp_path):
 
 
 def test_zero_floor_fails_the_gate_and_a_run_without_floor_is_refused(tmp_path, capsys):
-    run = _floor_run(tmp_path / "z", perturb=lambda rows, p: rows)  # perturbations change nothing
+    run = _floor_run(tmp_path / "z", perturb=lambda rows, p, b: rows)  # perturbations change nothing
     report = build_report(run)
     assert pair_summary(report, "7b-mini", "hf")["verdict"] == "above"  # any difference is above a 0 floor
     assert main(["check", str(run), "--max-floor-ratio", "1e9", "--max-mean-error", "100"]) == 1

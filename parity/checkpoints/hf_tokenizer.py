@@ -148,15 +148,26 @@ def write_hub(tok: Path, out: Path, max_len: int) -> None:
 def tiktoken_equivalent(tok: Path):
     """A `tokenizers.Tokenizer` encoding as llama-models' tiktoken Tokenizer does, BOS added (built once per
     tokenizer.model, then read from the cache: the conversion walks all 128000 ranks)."""
-    from tokenizers import Tokenizer, processors
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from tokenizers import Tokenizer
 
-    from parity.io import atomic_file, cache_dir, sha256_file
-    from parity.tokenizer import load_tokenizer
+    from parity.io import build_lock, cache_dir, sha256_file
 
     cached = cache_dir() / "tokenizers" / f"tiktoken-hf-{sha256_file(tok)[:16]}.json"
     if cached.is_file():
         return Tokenizer.from_file(str(cached))
+    with build_lock(cached):
+        if cached.is_file():
+            return Tokenizer.from_file(str(cached))
+        return _convert_tiktoken(tok, cached)
+
+
+def _convert_tiktoken(tok: Path, cached: Path):
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from parity.io import atomic_file
+    from parity.tokenizer import load_tokenizer
+
     meta = load_tokenizer(tok).tok
     specials = sorted(meta.special_tokens.items(), key=lambda kv: kv[1])
     t = TikTokenConverter(vocab_file=str(tok), pattern=meta.pat_str,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from parity.checkpoints.meta import write_meta
 from parity.checkpoints.spec import Source, Spec
 from parity.dtypes import torch_dtype
 from parity.errors import UserError
-from parity.io import atomic_dir, cache_dir, sha256_file
+from parity.io import atomic_dir, build_lock, cache_dir, sha256_file
 from parity.tokenizer import default_tokenizer, kind_of_file, llama3_tokenizer, load_tokenizer
 
 REFERENCE = get_size("7b")  # the real width whose init scale the synthetic weights imitate
@@ -102,16 +101,9 @@ def cached_checkpoint(size_name: str, seed: int = 0, tokenizer: str | Path | Non
     key = f"{size_name}-s{seed}-{dtype}-{sha256_file(tok)[:12]}"
     out = cache_dir() / "checkpoints" / key / "meta"
     if not (out / "params.json").is_file():
-        # Build under a private name, then rename: another process (parallel tests, a second run)
-        # may be reading or building the same entry; whoever renames first wins, nothing is replaced.
-        build = out.parent / f"build-{os.getpid()}"
-        make_checkpoint(size_name, build, seed=seed, tokenizer=tok, dtype=dtype, overwrite=True)
-        try:
-            os.rename(build, out)
-        except OSError:
-            shutil.rmtree(build, ignore_errors=True)
+        with build_lock(out):
             if not (out / "params.json").is_file():
-                raise
+                make_checkpoint(size_name, out, seed=seed, tokenizer=tok, dtype=dtype, overwrite=True)
     return out
 
 

@@ -142,7 +142,27 @@ def floor_lines(report: dict) -> list[str]:
                 out.append(f"| {t} | {_sci(c.get('max_abs_delta'))} | {_sci(c.get('floor_max_abs_delta'))} | "
                            f"{_sci(c.get('floor_mean_abs_delta'))} | {ratio_text(c)} | {c.get('flips', '-')} | "
                            f"{_docs(c.get('flips_within_floor'))} | {_docs(c.get('flips_beyond_floor'))} |")
+    return out + per_stack_lines(report)
+
+
+def per_stack_lines(report: dict) -> list[str]:
+    """Markdown: each stack's own floor per test (the comparisons above show the larger of two)."""
+    out = []
+    for s, by_backend in ((report.get("floor") or {}).get("per") or {}).items():
+        backends = [b for b in report["backends"] if b in by_backend]
+        tests = [t for t in report["tests"] if any(t in by_backend[b] for b in backends)]
+        out += ["", f"### {s}: each stack's floor", "",
+                "max |delta loglik| / mean over the perturbations, and the documents that flip under one.", "",
+                "| test | " + " | ".join(backends) + " |", "| --- |" + " ---: |" * len(backends)]
+        for t in tests:
+            cells = []
+            for b in backends:
+                f = by_backend[b].get(t)
+                cells.append("-" if f is None else f"{_sci(f['max_abs_delta'])} / {_sci(f['mean_abs_delta'])}"
+                             + (f" ({len(f['flipped_docs'])} flip: {_docs(f['flipped_docs'])})" if f["flipped_docs"] else ""))
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
     return out
+
 
 
 def _sci(v) -> str:
