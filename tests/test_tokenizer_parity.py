@@ -241,12 +241,15 @@ def _data(tok: Path) -> dict:
     return out
 
 
-def test_check_run_megatron_and_skip_bad(real_tok_checkpoints, llama2_tokenizer, tmp_path):
+def test_check_run_megatron_and_skip_bad(real_tok_checkpoints, llama2_tokenizer, tmp_path, monkeypatch):
     """check_run as `parity run` calls it: every backend's tokenizer (Megatron's through megatron-core,
-    from its args), stored results reused, a broken one exit 2 unless --skip-bad-tokenizers."""
+    from its args), stored results reused (in the run, and from the cache by another run with the same
+    inputs), a broken one exit 2 unless --skip-bad-tokenizers."""
+    from parity.tokenizer_check import in_run
     from parity.tokenizer_check.carried import carried, load_carried
     from parity.tokenizer_check.in_run import check_run, report_section
 
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path / "cache"))  # no check made by another test
     data = {"7b-mini": _data(llama2_tokenizer)}
     ckpts = dict(real_tok_checkpoints)
     plan = _plan(tmp_path / "run", ckpts)
@@ -262,6 +265,16 @@ def test_check_run_megatron_and_skip_bad(real_tok_checkpoints, llama2_tokenizer,
     before = {b: plan.layout.tokenizer_check("7b-mini", b).stat().st_mtime_ns for b in ckpts}
     check_run(plan, data, progress=None)  # unchanged inputs: nothing recomputed
     assert before == {b: plan.layout.tokenizer_check("7b-mini", b).stat().st_mtime_ns for b in ckpts}
+    # another results directory, the same inputs: the earlier run's checks, no tokenizer loaded
+    with monkeypatch.context() as m:
+        m.setattr(in_run, "load_carried", lambda c: pytest.fail(f"{c.kind} tokenizer loaded again"))
+        said = []
+        other = _plan(tmp_path / "other-run", ckpts)
+        check_run(other, data, progress=said.append)
+    again = {b: json.loads(other.layout.tokenizer_check("7b-mini", b).read_text()) for b in ckpts}
+    for b in ckpts:
+        assert again[b]["tests"] == results[b]["tests"] and again[b]["status"] == results[b]["status"], b
+    assert sum("checked by an earlier run" in line for line in said) == 2  # hf and megatron (meta: same file)
 
     mg = tmp_path / "megatron-no-tok"
     shutil.copytree(ckpts["megatron"], mg)

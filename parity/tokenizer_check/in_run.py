@@ -2,7 +2,9 @@
 
 run:    check_run() compares, per size, every backend's own tokenizer (carried.py) with the reference
         ids of every test and stores RUN/tokenizers/<size>/<backend>.json; like a unit, a stored result
-        is reused while its inputs (tokenizer files, library versions, request digests) are unchanged.
+        is reused while its inputs (tokenizer files, library versions, request digests) are unchanged,
+        and a completed check is also kept in the cache (<cache>/tokenizer-checks/<inputs>.json) for
+        other runs with the same inputs.
 report: report_section() reads those files into report["tokenizers"] (per size and backend: status,
         tokenizer, examples) and report["tokenizer_mismatches"][size][backend][test] (counts).
 check:  failures() lists the (size, backend, test) with more mismatching requests than allowed.
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 from parity.errors import UserError
-from parity.io import read_json, sha256_file, write_json
+from parity.io import cache_dir, read_json, sha256_file, write_json
 from parity.results import RunLayout
 from parity.tokenizer_check.carried import Carried, carried, load_carried
 
@@ -97,12 +99,36 @@ def check_run(plan, data_by_size: dict, progress=print) -> float:
                     continue
             say = (lambda m, s=size, b=backend: progress(f"{s}/{b} tokenizer: {m}")) if progress else None
             if inputs not in done:
-                done[inputs] = check_backend(c, ref_tok, data, plan.skip_bad_tokenizers, say)
+                done[inputs] = _shared(inputs, say) or check_backend(c, ref_tok, data, plan.skip_bad_tokenizers, say)
+                if done[inputs]["status"] == CHECKED:
+                    write_json(_shared_path(inputs), done[inputs])
             result = {**done[inputs], **({"source": str(c.named)} if c else {})}
             if result["status"] == NOT_CHECKED and progress:
                 progress(f"{size}/{backend} tokenizer: not checked ({result['note']})")
             write_json(path, {"format": CHECK_FORMAT, "inputs": inputs, "reference": str(ref_tok), **result})
     return time.perf_counter() - t0
+
+
+def _shared_path(inputs: str) -> Path:
+    return cache_dir() / "tokenizer-checks" / f"{inputs}.json"
+
+
+def _shared(inputs: str, say) -> dict | None:
+    """A check with these very inputs made by an earlier run (another results directory, the same tokenizer
+    files, requests and libraries): its result, so that a run does not load the stack's tokenizer (for
+    Megatron: import megatron-core, ~8 s of CPU) to learn it again."""
+    path = _shared_path(inputs)
+    if not path.is_file():
+        return None
+    try:
+        result = read_json(path, "cached tokenizer check")
+    except UserError:
+        return None  # damaged: check again
+    if say:
+        n = sum(v["n_requests"] for v in result["tests"].values())
+        say(f"{sum(v['n_mismatches'] for v in result['tests'].values())} of {n} requests differ "
+            f"(checked by an earlier run: {path})")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- report
