@@ -127,7 +127,7 @@ def _shared(inputs: str, say) -> dict | None:
     if say:
         n = sum(v["n_requests"] for v in result["tests"].values())
         say(f"{sum(v['n_mismatches'] for v in result['tests'].values())} of {n} requests differ "
-            f"(checked by an earlier run: {path})")
+            "(checked by an earlier run, kept in the cache)")
     return result
 
 
