@@ -79,3 +79,25 @@ def test_te_spec_is_refused_with_one_line_where_it_cannot_run():
 def test_megatron_spec_flag_only_for_megatron_outputs(tmp_path):
     with pytest.raises(UserError, match="--megatron-spec applies only to --to megatron"):
         convert("meta", "hf", meta_checkpoint("7b-mini"), tmp_path / "hf", megatron_spec="te")
+
+
+def test_fusions_compile_on_first_call_not_at_import():
+    """megatron-core's import no longer pays for torch's compiler (about 3 s of CPU per rank), and a
+    deferred torch.compile still compiles and runs: with options and as a bare decorator."""
+    import subprocess
+    import sys
+
+    from parity.backends.megatron import _compile_on_first_call
+
+    real = torch.compile
+    with _compile_on_first_call():
+        add = torch.compile(lambda x: x + 1, backend="eager")
+        double = torch.compile(backend="eager")(lambda x: x * 2)
+    assert torch.compile is real
+    assert add(torch.ones(2)).tolist() == [2.0, 2.0] and double(torch.ones(2)).tolist() == [2.0, 2.0]
+
+    probe = ("import sys, torch; from parity.backends.megatron import import_megatron_core; import_megatron_core(); "
+             "from megatron.core.fusions.fused_bias_swiglu import swiglu; "
+             "print('torch._inductor.compile_fx' in sys.modules, torch.compile.__module__, swiglu.__wrapped__.__name__)")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "torch", "swiglu"], out.stdout + out.stderr

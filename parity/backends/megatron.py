@@ -26,6 +26,9 @@ gathered over the TP group and then cut to the true vocab: padded entries are ne
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
 import warnings
 
 import torch
@@ -45,8 +48,50 @@ MEGATRON_SEED = 1234  # Megatron-LM's --seed default, for saved args without one
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
 
 
+@contextlib.contextmanager
+def _compile_on_first_call():
+    """torch.compile(fn) that imports torch's compiler only when fn is first called.
+
+    megatron-core binds `jit_fuser = torch.compile` (megatron/core/jit.py) and decorates its fusions with
+    it at import; each decoration imports dynamo and inductor, about 3 s of CPU in every megatron worker
+    and rank. The configs here switch those fusions off (transformer_config), so nothing compiled ever
+    runs; if one does run, it is compiled on that first call with the same arguments, as torch.compile
+    itself would (it compiles lazily too), so behaviour is unchanged.
+    """
+    real = torch.compile
+
+    def deferred(model=None, **options):
+        if model is None:  # used as @torch.compile(**options)
+            return lambda fn: deferred(fn, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+        return call
+
+    torch.compile = deferred
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
+def import_megatron_core() -> None:
+    """Import megatron.core (once per process) with its jit_fuser decorations deferred. Call before any
+    `from megatron.core ...`; a process that imported it already keeps what it has."""
+    if "megatron.core" in sys.modules:
+        return
+    with _compile_on_first_call():
+        import megatron.core  # noqa: F401  (binds megatron.core.jit.jit_fuser for every later module)
+
+
 def _layer_spec(spec: str, device: str, checkpoint):
     """config -> megatron-core's GPT layer spec `spec` (checked before anything is loaded)."""
+    import_megatron_core()
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec == "local":
@@ -73,6 +118,8 @@ def causal_mask(seqlen: int, device: torch.device) -> torch.Tensor:
 def transformer_config(args, tp: int, dtype: torch.dtype, device: str):
     """TransformerConfig from Megatron-LM's saved args (names as in megatron/training/arguments.py)."""
     import torch.nn.functional as F
+
+    import_megatron_core()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     heads = args.num_attention_heads
@@ -115,6 +162,7 @@ def build_gpt(args, tp: int, vocab_rows: int, dtype: torch.dtype, device: str, l
     """megatron-core's GPTModel (both pipeline ends) as the saved args describe it, with `vocab_rows`
     (the padded vocabulary) embedding and output rows; weights not initialised. `layer_spec`: config ->
     layer spec (_layer_spec; default the local one)."""
+    import_megatron_core()
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(args, tp, dtype, device)
@@ -141,6 +189,7 @@ class MegatronBackend(Backend):
     spec = "local"  # the megatron-core layer spec that runs (option "spec")
 
     def load(self) -> None:
+        import_megatron_core()
         from megatron.core import parallel_state, tensor_parallel
 
         checkpoint, device = self.checkpoint, self.device.type

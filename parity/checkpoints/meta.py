@@ -7,7 +7,6 @@ the embedding's dim is the family's (arch.Family.embed_file_dim: Llama 2 model d
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 from pathlib import Path
@@ -186,5 +185,4 @@ def write_meta(src: Source, out: Path, n: int, dtype: torch.dtype | None = None)
             del t
         with atomic_file(out / f"consolidated.{r:02d}.pth", "wb") as f:
             torch.save(state, f)
-        del state
-        gc.collect()
+        del state  # freed by reference counting, one file's tensors at a time (see megatron.write_megatron)

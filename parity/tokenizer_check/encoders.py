@@ -142,8 +142,11 @@ def megatron_tokenizer_file(ckpt: Path, args) -> Path | None:
 def _megatron_load(ckpt: Path):
     import warnings
 
+    from parity.backends.megatron import import_megatron_core
+
     with warnings.catch_warnings():  # megatron.core's import warns about Apex / Transformer Engine
         warnings.simplefilter("ignore")
+        import_megatron_core()
         from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
 
     from parity.checkpoints.megatron import read_args

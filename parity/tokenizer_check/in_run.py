@@ -116,7 +116,7 @@ def _shared_path(inputs: str) -> Path:
 def _shared(inputs: str, say) -> dict | None:
     """A check with these very inputs made by an earlier run (another results directory, the same tokenizer
     files, requests and libraries): its result, so that a run does not load the stack's tokenizer (for
-    Megatron: import megatron-core, ~8 s of CPU) to learn it again."""
+    Megatron: import megatron-core, ~5 s of CPU) to learn it again."""
     path = _shared_path(inputs)
     if not path.is_file():
         return None
