@@ -192,9 +192,6 @@ def _rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 def _megatron_rope(size, device: torch.device, inv_freq: torch.Tensor | None, interleaved: bool = True):
     """megatron-core's RotaryEmbedding: interleaved for Meta's pairwise q/k layout, else rotate-half (Megatron's
     own checkpoints); `inv_freq`: the fp64 table of an fp64 comparison (else megatron's own fp32 one)."""
-    from parity.backends.megatron import import_megatron_core
-
-    import_megatron_core()
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     scaling = size.rope_scaling
