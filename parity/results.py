@@ -49,7 +49,7 @@ class UnitRecord:
 
     status: UnitStatus
     error: str | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # the worker's time scoring this unit, model load excluded (None: not recorded)
     inputs: str | None = None  # hash of everything that determines the unit's numbers
     ran_on: dict | None = None  # what the worker actually ran on (base.Backend.ran_on(): device, dtype,
     #                             ranks, hosts, GPU models; adapter details such as megatron's spec)

@@ -282,7 +282,9 @@ def finish_unit(plan: Plan, u: Unit, td: TestData) -> None:
         write_jsonl(sample_path(plan, u), per_sample_rows(td, scores))
         u.status, u.error = UnitStatus.DONE, None
         ran = ran_path(raw)
-        u.ran_on = read_json(ran, "worker record") if ran.is_file() else None
+        record = read_json(ran, "worker record") if ran.is_file() else {}
+        u.seconds = record.pop("seconds", None)
+        u.ran_on = record or None
     elif err.is_file():
         info = read_json(err)
         u.status, u.error = UnitStatus.FAILED, info.get("error", "worker error")

@@ -105,6 +105,12 @@ def test_attribute_end_to_end(tmp_path):
                        "--variants", "all,all+rmsnorm+rotate_half_layout", "--limit", "2", "--out", str(out), "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["variants"] == result["variants"]
     assert "0 to score" in again.stderr and "scoring" not in again.stderr
+    # the cost is the units' own recorded times: a reused table states what it cost, not the 0 s of the reuse
+    cost = result["run"]["seconds"]
+    assert cost["plain"] > 0 and cost["variants"] > 0 and cost["units_without_time"] == 0
+    assert json.loads(again.stdout)["run"]["seconds"] == cost
+    units = json.loads((out / "base" / "manifest.json").read_text())["units"]
+    assert len(units) == 4 and all(u["seconds"] > 0 and "seconds" not in u["ran_on"] for u in units.values())
 
 
 def test_attribute_refuses_what_it_cannot_patch(tmp_path):

@@ -83,6 +83,7 @@ def plans(args):
 def cli_attribute(args) -> int:
     from parity.attribution.table import attribution, render
     from parity.report.build import read_samples
+    from parity.results import UnitStatus
     from parity.run import RunLock, execute
 
     size, out, base, per_variant = plans(args)
@@ -90,14 +91,16 @@ def cli_attribute(args) -> int:
     def say(m):
         print(m, file=sys.stderr, flush=True)
 
-    failed, seconds = [], {"plain": 0.0, "variants": 0.0}
+    # the cost is the units' own scoring times, so a resumed or reused table still states what it cost
+    failed, seconds = [], {"plain": 0.0, "variants": 0.0, "units_without_time": 0}
     for i, (label, plan) in enumerate([("plain meta + megatron", base), *per_variant.items()]):
         say(f"parity attribute: [{i + 1}/{1 + len(per_variant)}] {label}")
         with RunLock(plan.run_dir):
             outcome = execute(plan, progress=say)
         failed += outcome["failed"]
-        spent = sum(v for k, v in outcome["timings"].items() if k.startswith(f"{size}/"))
-        seconds["plain" if plan is base else "variants"] += spent
+        timed = [u.seconds for u in outcome["units"] if u.status is UnitStatus.DONE]
+        seconds["plain" if plan is base else "variants"] += sum(t for t in timed if t is not None)
+        seconds["units_without_time"] += sum(t is None for t in timed)
     if failed:
         say(f"parity attribute: {len(failed)} units failed (listed above); fix them and run again to resume")
         return 1
@@ -110,7 +113,7 @@ def cli_attribute(args) -> int:
                          {v: rows(p, "meta") for v, p in per_variant.items()})
     result["run"] = {"size": size, "dtype": base.dtype, "device": base.device, "out": str(out),
                      "data_dir": base.data_dir, "limit": base.limit,
-                     "seconds": seconds if seconds["plain"] else None}  # None: everything was reused
+                     "seconds": seconds}
     write_json(out / "attribution.json", result)
     md = render(result)
     with atomic_file(out / "attribution.md") as f:

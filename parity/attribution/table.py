@@ -95,10 +95,14 @@ def render(result: dict) -> str:
     tail += ["", "| cause | Megatron's way | Meta's code it replaces | in the doc |", "| --- | --- | --- | --- |"]
     for name, c in CAUSES.items():
         tail.append(f"| {name} | {c.megatron_way} | {c.where} | {'yes' if name in DOC_CAUSES else 'no (residual)'} |")
-    if meta.get("seconds"):
-        s = meta["seconds"]
-        tail += ["", f"Time: plain run (meta + megatron) {s['plain']:.0f} s, variants {s['variants']:.0f} s "
-                     f"({s['variants'] / s['plain']:.1f}x the plain run)."]
+    if s := meta.get("seconds"):
+        line = (f"Time spent scoring (each unit's own time, whichever invocation scored it; model loads excluded): "
+                f"plain run (meta + megatron) {s['plain']:.0f} s, variants {s['variants']:.0f} s")
+        if s.get("units_without_time"):  # scored by a parity that did not record it: a ratio would understate
+            line += f"; {s['units_without_time']} units have no recorded time and are not counted."
+        else:
+            line += f" ({s['variants'] / s['plain']:.1f}x the plain run)." if s["plain"] else "."
+        tail += ["", line]
     return "\n".join(head + rows + tail) + "\n"
 
 

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from parity.errors import UserError
@@ -79,7 +80,7 @@ def run_job(job_path) -> list[str]:
               unit="req", file=sys.stderr, disable=not writer, mininterval=1.0, dynamic_ncols=True) as bar:
         for unit, requests in units:
             bar.set_postfix_str(unit.name, refresh=False)
-            backoffs = backend.oom_backoffs
+            backoffs, t0 = backend.oom_backoffs, time.perf_counter()
             with applied(unit.perturbation, backend):  # a noise-floor unit: the same math scheduled otherwise
                 scores = backend.loglikelihood(requests, batch_size(unit.perturbation, job.batch), progress=bar.update)
             bad = next((i for i, s in enumerate(scores) if not math.isfinite(s.loglik)), None)
@@ -93,7 +94,10 @@ def run_job(job_path) -> list[str]:
                 write_json(error_path(unit.output), {"error": line, "request": r.hash})
                 failed.append(line)
                 continue
-            write_json(ran_path(unit.output), ran_on | {"oom_backoffs": backend.oom_backoffs - backoffs})
+            # the unit's own scoring time (the model load is the job's) travels with it: a resumed or reused
+            # unit keeps the cost it had when it was scored (parity.run.finish_unit)
+            write_json(ran_path(unit.output), ran_on | {"oom_backoffs": backend.oom_backoffs - backoffs,
+                                                        "seconds": round(time.perf_counter() - t0, 3)})
             write_scores(unit.output, requests, scores)
     return failed
 
