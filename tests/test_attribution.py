@@ -15,7 +15,7 @@ from backend_helpers import meta_checkpoint, real_requests
 from cli_helpers import assert_one_line_error, run_parity
 
 from parity.attribution import CAUSES, DOC_CAUSES, VARIANTS, check_causes, patches
-from parity.attribution.table import distance
+from parity.attribution.table import attribution, distance, render
 from parity.backends.worker import load_backend
 from parity.checkpoints import tokenizer_path
 from parity.errors import UserError
@@ -81,6 +81,19 @@ def test_distance_numbers():
     assert d["max_abs_delta"] == pytest.approx(2.5) and d["mean_abs_delta"] == pytest.approx((0.5 + 2.5 + 0.2) / 6)
     assert d["p99_abs_delta"] == pytest.approx(2.5)
     assert d["pct_error"] == pytest.approx(abs(2 / 3 - 3 / 3) / (2 / 3) * 100)
+
+
+def test_time_line_counts_only_what_was_recorded():
+    rows = [{"doc_id": "0", "request_hashes": ["a", "b"], "loglik": [-1.0, -2.0], "gold": 0, "pred": 0}]
+    result = attribution({"t": rows}, {"t": rows}, {"all": {"t": rows}})
+
+    def time_line(**seconds):
+        return render(result | {"run": {"seconds": seconds}}).rstrip().splitlines()[-1]
+    assert time_line(plain=400.0, variants=3600.0, units_without_time=0).endswith("(9.0x the plain run).")
+    # units scored by an older parity: their time is unknown, so no ratio that would understate the cost
+    partial = time_line(plain=400.0, variants=3000.0, units_without_time=21)
+    assert "21 units have no recorded time" in partial and "x the plain run" not in partial
+    assert time_line(plain=0.0, variants=0.0, units_without_time=42).startswith("Time: not recorded")
 
 
 def test_attribute_end_to_end(tmp_path):

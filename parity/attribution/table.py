@@ -96,12 +96,15 @@ def render(result: dict) -> str:
     for name, c in CAUSES.items():
         tail.append(f"| {name} | {c.megatron_way} | {c.where} | {'yes' if name in DOC_CAUSES else 'no (residual)'} |")
     if s := meta.get("seconds"):
-        line = (f"Time spent scoring (each unit's own time, whichever invocation scored it; model loads excluded): "
-                f"plain run (meta + megatron) {s['plain']:.0f} s, variants {s['variants']:.0f} s")
-        if s.get("units_without_time"):  # scored by a parity that did not record it: a ratio would understate
-            line += f"; {s['units_without_time']} units have no recorded time and are not counted."
+        untimed = s.get("units_without_time")  # scored by a parity that did not record it
+        if not (s["plain"] or s["variants"]):
+            line = "Time: not recorded (these units were scored by a parity that did not record each unit's time)."
         else:
-            line += f" ({s['variants'] / s['plain']:.1f}x the plain run)." if s["plain"] else "."
+            line = (f"Time spent scoring (each unit's own time, whichever invocation scored it; model loads "
+                    f"excluded): plain run (meta + megatron) {s['plain']:.0f} s, variants {s['variants']:.0f} s")
+            # with units missing, a ratio would understate the cost
+            line += (f"; {untimed} units have no recorded time and are not counted." if untimed or not s["plain"]
+                     else f" ({s['variants'] / s['plain']:.1f}x the plain run).")
         tail += ["", line]
     return "\n".join(head + rows + tail) + "\n"
 
