@@ -269,6 +269,13 @@ def per_sample_rows(td: TestData, scores: dict) -> list[dict]:
     return rows
 
 
+def worker_record(raw: Path) -> tuple[float | None, dict | None]:
+    """(scoring seconds, ran_on) the worker wrote beside a unit's scores; (None, None) when it wrote none."""
+    ran = ran_path(raw)
+    record = read_json(ran, "worker record") if ran.is_file() else {}
+    return record.pop("seconds", None), record or None
+
+
 def finish_unit(plan: Plan, u: Unit, td: TestData) -> None:
     """Turn a worker's raw scores (or its error file) into the unit's per-sample file and status."""
     raw = scores_path(plan, u)
@@ -281,10 +288,7 @@ def finish_unit(plan: Plan, u: Unit, td: TestData) -> None:
             return
         write_jsonl(sample_path(plan, u), per_sample_rows(td, scores))
         u.status, u.error = UnitStatus.DONE, None
-        ran = ran_path(raw)
-        record = read_json(ran, "worker record") if ran.is_file() else {}
-        u.seconds = record.pop("seconds", None)
-        u.ran_on = record or None
+        u.seconds, u.ran_on = worker_record(raw)
     elif err.is_file():
         info = read_json(err)
         u.status, u.error = UnitStatus.FAILED, info.get("error", "worker error")
@@ -440,7 +444,10 @@ def execute(plan: Plan, progress=print) -> dict:
         if not td.docs:
             u.status, u.error = UnitStatus.NO_DATA, td.source
         elif prev.inputs == u.inputs and prev.status is UnitStatus.DONE and sample_path(plan, u).is_file():
-            u.status, u.seconds, u.ran_on = UnitStatus.DONE, prev.seconds, prev.ran_on
+            # the worker's record beside the scores is the source; the manifest's copy may be an older parity's
+            u.status, (u.seconds, u.ran_on) = UnitStatus.DONE, worker_record(scores_path(plan, u))
+            if u.ran_on is None:  # scored before workers wrote a record
+                u.seconds, u.ran_on = prev.seconds, prev.ran_on
         elif scores_path(plan, u).is_file():
             finish_unit(plan, u, td)  # scored before an interruption: only assemble
         else:

@@ -88,6 +88,9 @@ def test_killed_run_resumes_to_identical_results(baseline, tmp_path, fault, reco
     r = run_parity(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts(r.stderr)[1] == recomputed
+    # each unit keeps its own scoring time, whether it was reused, assembled after the kill, or rescored
+    units = json.loads((out / "manifest.json").read_text())["units"].values()
+    assert all(u["seconds"] > 0 and "seconds" not in u["ran_on"] for u in units)
     mine = per_sample_digests(out)
     assert len(mine) == 3 * len(backends.split(","))
     assert mine == {k: v for k, v in per_sample_digests(baseline).items() if k in mine}
@@ -129,6 +132,17 @@ def test_changed_inputs_are_not_reused(baseline, tmp_path):
     the baseline run, which holds these very units in fp32)."""
     out = tmp_path / "run"
     shutil.copytree(baseline, out)
+    # a manifest written by a parity that kept no unit times: reusing a unit takes its time from the worker's
+    # record beside its scores, not from the manifest's copy
+    manifest = json.loads((out / "manifest.json").read_text())
+    timed = {k: u["seconds"] for k, u in manifest["units"].items()}
+    for u in manifest["units"].values():
+        u["seconds"] = None
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    r = run_parity(*SMALL, "--out", str(out))
+    assert r.returncode == 0 and counts(r.stderr) == (9, 0), r.stderr[-3000:]
+    units = json.loads((out / "manifest.json").read_text())["units"]
+    assert {k: u["seconds"] for k, u in units.items()} == timed and all(timed.values())
     r = run_parity(*SMALL, "--backends", "meta,hf", "--out", str(out), "--dtype", "bf16")
     assert r.returncode == 0, r.stderr[-3000:]
     assert counts(r.stderr) == (0, 6)
